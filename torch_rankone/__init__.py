@@ -1,0 +1,13 @@
+"""torch_rankone: second-order optimizers for PyTorch.
+
+Modules (SPEC §1): :mod:`~torch_rankone.curvature` (HVPs, per-sample gradients, top
+eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HVPs, seed-001
+inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
+"""
+
+from . import curvature, data, linalg
+from ._ext import has_extension
+
+__version__ = "0.1.0"
+
+__all__ = ["curvature", "linalg", "data", "has_extension", "__version__"]

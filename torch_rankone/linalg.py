@@ -1,0 +1,558 @@
+"""Solves with curvature operators that are never formed as ``N×N`` matrices (SPEC §3).
+
+* :func:`lowrank_solve` — ``(c·I + U C Uᵀ)⁻¹ g`` by Woodbury (Sherman–Morrison for ``k = 1``).
+* :func:`neumann_series` / :func:`neumann_ihvp` — ``(H + λI)⁻¹ v`` by a truncated Neumann series,
+  with divergence detection.
+* :func:`lissa_ihvp` — the stochastic variant of Agarwal, Bullins & Hazan (LiSSA, 2017).
+* :func:`cg_ihvp` — conjugate gradients on ``(H + λI) y = v``.
+* :func:`ihvp_inverse_gradient` — exact ``H⁻¹ v`` as the derivative of the gradient's functional
+  inverse (seed 001).
+* :class:`IncrementalInverse` — dense ``(λI + Σ v vᵀ)⁻¹`` kept by Sherman–Morrison (seed 003).
+
+Vectors are lists of parameter-shaped tensors (a single tensor is accepted too); an HVP function
+maps that structure to itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from ._tensorlist import TensorList, as_tensor_list, check_like, dot, flatten, norm, numel
+from .curvature import power_iteration
+
+__all__ = [
+    "LinAlgError",
+    "SingularSystemError",
+    "NotPositiveDefiniteError",
+    "NeumannDivergenceError",
+    "lowrank_solve",
+    "lowrank_spectrum",
+    "NeumannResult",
+    "neumann_series",
+    "neumann_ritz_values",
+    "neumann_ihvp",
+    "lissa_ihvp",
+    "cg_ihvp",
+    "ihvp_inverse_gradient",
+    "IncrementalInverse",
+]
+
+Vector = Tensor | Sequence[Tensor]
+
+
+class LinAlgError(torch.linalg.LinAlgError):
+    """Base class of this module's errors (a ``torch.linalg.LinAlgError``)."""
+
+
+class SingularSystemError(LinAlgError):
+    """The operator is singular, or too ill-conditioned for the dtype to give a useful answer."""
+
+
+class NotPositiveDefiniteError(LinAlgError):
+    """A positive-definite operator was required and the one given is not."""
+
+
+class NeumannDivergenceError(LinAlgError):
+    """The Neumann series does not converge: ``H + λI`` is not PD, or ``scale ≤ λ_max(H + λI)``."""
+
+
+def _vector_and_fn(v: Vector, hvp_fn: Callable) -> tuple[TensorList, Callable, Callable]:
+    """Normalise a tensor-or-list vector; return (list, list-hvp, back-to-caller's-structure)."""
+    vs, single = as_tensor_list(v)
+    if not vs:
+        raise ValueError("the vector is empty (no tensors)")
+    if single:
+        return vs, (lambda x: [hvp_fn(x[0])]), (lambda x: x[0])
+    return vs, (lambda x: list(hvp_fn(x))), list
+
+
+# --------------------------------------------------------------------------------------------
+# Woodbury
+# --------------------------------------------------------------------------------------------
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def lowrank_spectrum(G: Tensor, C: Tensor, c: float, n: int) -> Tensor:
+    """Eigenvalues of the ``N×N`` operator ``c·I + U C Uᵀ`` from ``G = UᵀU`` (float64).
+
+    The nonzero eigenvalues of ``U C Uᵀ`` are those of ``S = G^{1/2} C G^{1/2}`` (``k×k``,
+    symmetric), so the spectrum is ``{c + μ_i(S)}`` plus ``c`` repeated ``N − k`` times. Returns
+    the distinct values ``c + μ(S)`` and, when ``N > k``, ``c``. Requires ``N > k``.
+    """
+    w, Q = torch.linalg.eigh(G)
+    R = (Q * w.clamp_min(0).sqrt()) @ Q.T
+    mu = torch.linalg.eigvalsh(R @ C @ R)
+    spec = c + mu
+    return torch.cat([spec, spec.new_tensor([c])]) if n > G.shape[0] else spec
+
+
+def _check_lowrank_inputs(c, U, C, g) -> tuple[TensorList, list[TensorList], Tensor]:
+    gs, _ = as_tensor_list(g)
+    if not gs:
+        raise ValueError("lowrank_solve: g is empty")
+    if isinstance(U, Tensor):
+        raise TypeError("lowrank_solve: U must be a sequence of k vectors (columns), not a tensor")
+    Us = [as_tensor_list(u)[0] for u in U]
+    k = len(Us)
+    if k < 1:
+        raise ValueError("lowrank_solve: U must have at least one column")
+    for j, u in enumerate(Us):
+        check_like(f"lowrank_solve: U[{j}]", u, gs)
+    dtypes = {t.dtype for t in gs} | {t.dtype for u in Us for t in u}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise TypeError(f"lowrank_solve: g and U must share one floating dtype, got {dtypes}")
+    C = torch.as_tensor(C, dtype=torch.float64)
+    if C.shape != (k, k):
+        raise ValueError(f"lowrank_solve: C has shape {tuple(C.shape)}, expected ({k}, {k})")
+    if not torch.isfinite(C).all():
+        raise ValueError("lowrank_solve: C has non-finite entries")
+    if not torch.allclose(C, C.T, rtol=1e-12, atol=1e-12 * float(C.abs().max().clamp_min(1))):
+        raise ValueError("lowrank_solve: C must be symmetric (the operator is a symmetric matrix)")
+    return gs, Us, C
+
+
+def lowrank_solve(
+    c: float | Tensor,
+    U: Sequence[Vector],
+    C: Tensor | Sequence[Sequence[float]],
+    g: Vector,
+    *,
+    check: bool = True,
+    require_pd: bool = False,
+    rcond: float | None = None,
+) -> Any:
+    """Solve ``(c·I + U C Uᵀ) y = g`` by the Woodbury identity, in ``O(k²N + k³)``.
+
+    ``y = (g − U (C⁻¹ + UᵀU/c)⁻¹ Uᵀg / c) / c``, computed as ``y = (g − U a)/c`` with
+    ``a = (c·I + C UᵀU)⁻¹ C Uᵀg`` so that a singular ``C`` is allowed. ``k = 1`` is
+    Sherman–Morrison. SPEC §3.
+
+    Args:
+        c: the scalar shift (damping), a float or 0-d tensor.
+        U: ``k`` columns, each a vector with the structure of ``g`` (a list of tensors shaped
+            like the parameters — no flattening copy is made).
+        C: symmetric ``k×k`` matrix.
+        g: right-hand side, a tensor or a list of tensors.
+        check: analyse the operator's spectrum (a few ``k×k`` eigen-decompositions and one host
+            synchronisation) and raise on a singular or ill-conditioned system. With
+            ``check=False`` nothing is synchronised: a singular system yields non-finite values,
+            which the optimizers mask on device.
+        require_pd: raise :class:`NotPositiveDefiniteError` unless the operator is positive
+            definite (needs ``check=True``).
+        rcond: reciprocal condition number below which the system counts as singular. Default
+            ``100·eps(dtype)``, i.e. an expected relative error above about 1 %.
+
+    Returns:
+        ``y`` with the structure of ``g``.
+
+    Raises:
+        SingularSystemError, NotPositiveDefiniteError, ValueError/TypeError for malformed input.
+    """
+    gs, Us, C64 = _check_lowrank_inputs(c, U, C, g)
+    single = isinstance(g, Tensor)
+    if require_pd and not check:
+        raise ValueError("lowrank_solve: require_pd=True needs check=True")
+    if not check:
+        y = _ext.lowrank_solve(gs, Us, C64, c)
+        return y[0] if single else y
+    c_val = float(c)
+    if not math.isfinite(c_val):
+        raise ValueError(f"lowrank_solve: c must be finite, got {c_val}")
+    G, b = _ext.lowrank_gram(gs, Us)
+    n, k = numel(gs), len(Us)
+    if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
+        raise ValueError("lowrank_solve: U or g contains non-finite values")
+    if n > k:
+        spec = lowrank_spectrum(G, C64.to(G.device), c_val, n)
+    else:  # tiny problem: the N×N operator is at most k×k, form it
+        Ud = torch.stack([flatten(u) for u in Us], dim=1).double()
+        spec = torch.linalg.eigvalsh(c_val * torch.eye(n, dtype=torch.float64) + Ud @ C64 @ Ud.T)
+    rcond = 100 * _eps(gs[0].dtype) if rcond is None else rcond
+    smallest, largest = float(spec.abs().min()), float(spec.abs().max())
+    if largest == 0 or smallest <= rcond * largest:
+        raise SingularSystemError(
+            f"lowrank_solve: the operator c·I + U C Uᵀ (N={n}, k={k}, c={c_val:.3g}) is singular "
+            f"or too ill-conditioned for {gs[0].dtype}: eigenvalues range over "
+            f"[{float(spec.min()):.3g}, {float(spec.max()):.3g}], |λ|min/|λ|max = "
+            f"{smallest / largest if largest else 0.0:.2e} <= rcond = {rcond:.1e}. "
+            "Increase the damping c, use float64, or pass a smaller rcond."
+        )
+    if require_pd and float(spec.min()) <= 0:
+        raise NotPositiveDefiniteError(
+            f"lowrank_solve: c·I + U C Uᵀ is not positive definite: its smallest eigenvalue is "
+            f"{float(spec.min()):.6g} (c = {c_val:.6g}). Raise c above "
+            f"{c_val - float(spec.min()):.6g} to make it positive definite."
+        )
+    a = _ext.lowrank_coefficients(G, b, C64, c_val)
+    y = _ext._apply(gs, Us, a, c_val)
+    return y[0] if single else y
+
+
+# --------------------------------------------------------------------------------------------
+# Neumann series, LiSSA, CG
+# --------------------------------------------------------------------------------------------
+
+
+class NeumannResult(NamedTuple):
+    """Outcome of :func:`neumann_series`; every field stays on device (no host sync).
+
+    With ``M = I − A`` and ``d_k = M^k v``: ``moments[t] = vᵀ M^t v`` and
+    ``a_moments[t] = vᵀ M^t A v`` for ``t = 0..2K−1`` (from ``‖d_k‖²``, ``d_kᵀd_{k+1}``,
+    ``d_kᵀA d_k``, ``d_{k+1}ᵀA d_k``). They determine the Rayleigh–Ritz values of ``A`` on the
+    Krylov space ``span{d_0..d_{K−1}}`` (see :func:`neumann_ritz_values`).
+    """
+
+    solution: Any
+    diverged: Tensor  # 0-d bool: a cheap, certain sign of divergence was seen
+    moments: Tensor  # (2K,) float64
+    a_moments: Tensor  # (2K,) float64
+
+
+def neumann_series(
+    hvp_fn: Callable,
+    v: Vector,
+    num_terms: int,
+    scale: float | Tensor,
+    damping: float | Tensor = 0.0,
+) -> NeumannResult:
+    """Truncated Neumann series for ``(H + λI)⁻¹ v`` with on-device divergence flags.
+
+    With ``A = (H + λI)/s``: ``p₀ = v``, ``p_k = v + (I − A) p_{k−1}``, ``y = p_K / s``, i.e.
+    ``y = (1/s) Σ_{j=0..K} (I − A)^j v`` — exactly ``K = num_terms`` HVPs (SPEC §3, seed 003).
+
+    It is evaluated in the equivalent increment form ``d_k = (I − A) d_{k−1}``,
+    ``p_k = p_{k−1} + d_k``, which exposes ``A d`` at every step. The ``d_k`` are power iterates
+    of ``I − A``: they concentrate on the directions where the series fails. ``diverged`` is set
+    (on device) when a Rayleigh quotient ``dᵀAd/dᵀd`` is ``≤ 0`` (``H + λI`` not positive
+    definite) or ``> 1`` (``s < λ_max(H + λI)``), an increment grows, or a value is non-finite.
+    :func:`neumann_ihvp` adds the Ritz-value test, which also sees a too-small ``s`` that the
+    iterates alone would miss.
+    """
+    if num_terms < 0 or int(num_terms) != num_terms:
+        raise ValueError(f"neumann_series: num_terms must be an integer >= 0, got {num_terms}")
+    vs, hvp, restore = _vector_and_fn(v, hvp_fn)
+    dtype, device = vs[0].dtype, vs[0].device
+    s = torch.as_tensor(scale, dtype=dtype, device=device)
+    lam = torch.as_tensor(damping, dtype=dtype, device=device)
+    f64 = torch.float64
+    p = [t.clone() for t in vs]
+    d = list(vs)
+    d_sq = dot(d, d, dtype=f64)
+    moments, a_moments = [], []
+    for _ in range(int(num_terms)):
+        a_d = torch._foreach_div(torch._foreach_add(hvp(d), torch._foreach_mul(d, lam)), s)
+        d_next = torch._foreach_sub(d, a_d)
+        torch._foreach_add_(p, d_next)
+        moments += [d_sq, dot(d, d_next, dtype=f64)]
+        a_moments += [dot(d, a_d, dtype=f64), dot(d_next, a_d, dtype=f64)]
+        d, d_sq = d_next, dot(d_next, d_next, dtype=f64)
+    torch._foreach_div_(p, s)
+    empty = torch.zeros(0, dtype=f64, device=device)
+    m = torch.stack(moments) if moments else empty
+    am = torch.stack(a_moments) if a_moments else empty
+    norms_sq = torch.cat([m[0::2], d_sq.reshape(1)])
+    tiny = 16 * _eps(dtype)
+    rayleigh = am[0::2] / m[0::2].clamp_min(torch.finfo(f64).tiny)
+    live = m[0::2] > 0  # an exactly vanished increment means the series terminated: fine
+    diverged = (
+        (live & ((rayleigh <= 0) | (rayleigh > 1 + tiny))).any()
+        | (norms_sq[1:] > norms_sq[:-1] * (1 + tiny)).any()
+        | ~torch.isfinite(norms_sq).all()
+        | ~torch.isfinite(am).all()
+        | ~(torch.isfinite(s) & (s > 0))
+    )
+    return NeumannResult(restore(p), diverged, m, am)
+
+
+def neumann_ritz_values(res: NeumannResult, *, rel_tol: float = 1e-10) -> Tensor:
+    """Rayleigh–Ritz values of ``A = (H + λI)/s`` on the Krylov space of a Neumann run.
+
+    The Gram matrix of the increments is the Hankel matrix ``G_ij = vᵀM^{i+j}v`` and
+    ``(dᵢᵀ A d_j) = vᵀM^{i+j}Av``, so the generalised eigenproblem ``T c = θ G c`` (Lanczos, done
+    from moments) needs no stored vectors. Directions of ``G`` below ``rel_tol`` (relative, after
+    diagonal scaling) are dropped — Hankel matrices are ill-conditioned. Ritz values lie inside
+    ``[λ_min(A), λ_max(A)]`` and converge to both ends quickly.
+    """
+    m, am = res.moments, res.a_moments
+    K = m.shape[0] // 2
+    if K == 0:
+        return m.new_zeros(0)
+    idx = torch.arange(K, device=m.device)
+    hank = idx[:, None] + idx[None, :]
+    G, T = m[hank], am[hank]
+    scale = G.diagonal().clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
+    G, T = G * scale[:, None] * scale[None, :], T * scale[:, None] * scale[None, :]
+    w, Q = torch.linalg.eigh(G)
+    keep = w > rel_tol * w.max()
+    W = Q[:, keep] * w[keep].rsqrt()
+    return torch.linalg.eigvalsh(W.T @ T @ W)
+
+
+def _divergence_message(res: NeumannResult, ritz: Tensor, scale: float, damping: float) -> str:
+    m, am = res.moments, res.a_moments
+    rayleigh = am[0::2] / m[0::2]
+    if scale <= 0 or not math.isfinite(scale):
+        return f"scale must be a positive finite number, got {scale}"
+    if not (torch.isfinite(m).all() and torch.isfinite(am).all()):
+        return "the HVP produced non-finite values"
+    if (rayleigh <= 0).any():
+        return (
+            f"H + λI (λ = {damping:.3g}) is not positive definite: a Krylov vector has Rayleigh "
+            f"quotient {float(rayleigh.min()) * scale:.4g} ≤ 0. Increase the damping."
+        )
+    if ritz.numel() and float(ritz.max()) > 1 or (rayleigh > 1).any():
+        top = max(float(ritz.max()) if ritz.numel() else 0.0, float(rayleigh.max()))
+        return (
+            f"scale {scale:.4g} is below λ_max(H + λI) ≥ {top * scale:.4g}; pass a larger scale "
+            "(or scale=None to estimate it by power iteration)."
+        )
+    return "the series terms grow: scale ≤ λ_max/2 or H + λI is not positive definite."
+
+
+def _check_neumann(
+    res: NeumannResult, scale: float, damping: float, who: str, *, ritz: bool = True
+) -> None:
+    """Raise :class:`NeumannDivergenceError` on the cheap flags or a Ritz value above 1.
+
+    The Ritz values carry the rounding of the Krylov vectors (dtype of the solution) amplified
+    by the Hankel conditioning, hence the tolerance above 1. They need one fixed operator, so
+    stochastic (LiSSA) runs pass ``ritz=False`` and rely on the per-step checks.
+    """
+    usable = ritz and bool(torch.isfinite(res.moments).all())
+    ritz = neumann_ritz_values(res) if usable else res.moments[:0]
+    ritz_tol = max(1e-6, 1e3 * _eps(as_tensor_list(res.solution)[0][0].dtype))
+    if bool(res.diverged) or (ritz.numel() and float(ritz.max()) > 1 + ritz_tol):
+        raise NeumannDivergenceError(
+            f"{who}: the Neumann series diverges: " + _divergence_message(res, ritz, scale, damping)
+        )
+
+
+def neumann_ihvp(
+    hvp_fn: Callable,
+    v: Vector,
+    num_terms: int,
+    scale: float | Tensor | None = None,
+    damping: float | Tensor = 0.0,
+    *,
+    scale_margin: float = 1.05,
+    power_iters: int = 100,
+) -> Any:
+    """``y ≈ (H + λI)⁻¹ v`` by the truncated Neumann series, raising on divergence.
+
+    ``y = (1/s) Σ_{j=0..K} (I − (H + λI)/s)^j v`` (SPEC §3; see :func:`neumann_series`). The
+    series converges for ``H + λI`` positive definite and ``s > λ_max(H + λI)``; the error after
+    ``K`` terms is ``(1 − λ_min/s)^{K+1}`` relative, so ill-conditioned problems need many terms
+    (compare :func:`cg_ihvp`).
+
+    Args:
+        hvp_fn: ``x ↦ H x`` on the structure of ``v``.
+        v: the right-hand side (tensor or list of tensors).
+        num_terms: ``K``, the number of HVPs.
+        scale: ``s``; ``None`` estimates ``s = scale_margin · |λ_max(H + λI)|`` by power iteration
+            (``power_iters`` more HVPs).
+        damping: ``λ``.
+
+    Raises:
+        NeumannDivergenceError: with the reason (not PD, scale too small, growing terms, NaN).
+    """
+    vs, hvp, restore = _vector_and_fn(v, hvp_fn)
+    lam = float(damping)
+    if scale is None:
+        top = power_iteration(
+            lambda x: torch._foreach_add(hvp(x), torch._foreach_mul(x, lam)),
+            vs,
+            max_iters=power_iters,
+            tol=1e-4,
+            init=vs,
+        )
+        scale = scale_margin * abs(float(top.eigenvalue))
+    res = neumann_series(hvp, vs, num_terms, scale, damping)
+    _check_neumann(res, float(scale), lam, "neumann_ihvp")
+    return restore(res.solution)
+
+
+def lissa_ihvp(
+    hvp_fn: Callable,
+    v: Vector,
+    *,
+    depth: int,
+    scale: float,
+    damping: float = 0.0,
+    repeats: int = 1,
+) -> Any:
+    """LiSSA: ``(H + λI)⁻¹ v`` from stochastic HVPs (Agarwal, Bullins & Hazan, JMLR 2017).
+
+    Each repeat runs the Neumann recursion of :func:`neumann_series` to ``depth`` terms with
+    ``hvp_fn`` drawing a fresh mini-batch Hessian ``H_j`` at every call; the repeats are averaged.
+    With independent mini-batches the product ``(I − A_j)···(I − A_1)`` is an unbiased estimate of
+    ``(I − A)^j``, so each repeat estimates the truncated series without bias (the products are
+    accumulated in the increment order, equal in expectation to the paper's recursion). As in
+    influence-function practice (Koh & Liang, 2017), ``scale`` must bound the mini-batch
+    Hessians' eigenvalues, and damping makes non-convex mini-batches tractable.
+
+    Raises:
+        NeumannDivergenceError: when any repeat diverges (mini-batch ``H_j + λI`` not PD along the
+            iterates, ``scale`` below a Rayleigh quotient, or growing terms). The Ritz-value test
+            of :func:`neumann_ihvp` needs a fixed operator and is not applied here.
+    """
+    if depth < 1 or repeats < 1:
+        raise ValueError(f"lissa_ihvp: depth and repeats must be >= 1, got {depth}, {repeats}")
+    vs, hvp, restore = _vector_and_fn(v, hvp_fn)
+    total = None
+    for r in range(repeats):
+        res = neumann_series(hvp, vs, depth, scale, damping)
+        _check_neumann(res, float(scale), float(damping), f"lissa_ihvp (repeat {r})", ritz=False)
+        if total is None:
+            total = res.solution
+        else:
+            torch._foreach_add_(total, res.solution)
+    torch._foreach_div_(total, float(repeats))
+    return restore(total)
+
+
+def cg_ihvp(
+    hvp_fn: Callable,
+    v: Vector,
+    damping: float = 0.0,
+    *,
+    max_iters: int | None = None,
+    rtol: float = 1e-10,
+    warn: bool = True,
+) -> Any:
+    """Conjugate gradients for ``(H + λI) y = v`` (Hestenes & Stiefel, 1952).
+
+    One HVP per iteration; stops when ``‖v − (H + λI) y‖ ≤ rtol·‖v‖``. Each iteration
+    synchronises with the host (a solver, not an optimizer hot path).
+
+    Args:
+        max_iters: default ``min(N, 1000)`` (CG is exact after ``N`` steps in exact arithmetic).
+
+    Raises:
+        NotPositiveDefiniteError: a search direction with ``pᵀ(H + λI)p ≤ 0`` was met.
+    """
+    vs, hvp, restore = _vector_and_fn(v, hvp_fn)
+    n = numel(vs)
+    max_iters = min(n, 1000) if max_iters is None else max_iters
+    if max_iters < 1:
+        raise ValueError(f"cg_ihvp: max_iters must be >= 1, got {max_iters}")
+    lam = float(damping)
+    y = [torch.zeros_like(t) for t in vs]
+    r = [t.clone() for t in vs]
+    p = [t.clone() for t in vs]
+    rr = dot(r, r)
+    target = rtol * float(norm(vs))
+    if not math.isfinite(target):
+        raise ValueError("cg_ihvp: v contains non-finite values")
+    for it in range(max_iters):
+        if math.sqrt(float(rr)) <= target:
+            return restore(y)
+        ap = torch._foreach_add(hvp(p), torch._foreach_mul(p, lam))
+        pap = dot(p, ap)
+        if not float(pap) > 0:
+            raise NotPositiveDefiniteError(
+                f"cg_ihvp: H + λI (λ = {lam:.3g}) is not positive definite: at iteration {it} a "
+                f"direction has curvature pᵀ(H + λI)p / pᵀp = {float(pap / dot(p, p)):.4g} ≤ 0. "
+                "Increase the damping."
+            )
+        alpha = rr / pap
+        torch._foreach_add_(y, torch._foreach_mul(p, alpha))
+        torch._foreach_sub_(r, torch._foreach_mul(ap, alpha))
+        rr_new = dot(r, r)
+        p = torch._foreach_add(r, torch._foreach_mul(p, rr_new / rr))
+        rr = rr_new
+    if math.sqrt(float(rr)) > target and warn:
+        warnings.warn(
+            f"cg_ihvp: not converged after {max_iters} iterations (relative residual "
+            f"{math.sqrt(float(rr)) / (target / rtol):.2e} > rtol {rtol:.1e})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return restore(y)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds 001 and 003
+# --------------------------------------------------------------------------------------------
+
+
+def ihvp_inverse_gradient(grad_inverse: Callable, z: Any, v: Any) -> Any:
+    """Exact ``H(x)⁻¹ v`` from the functional inverse of the gradient map (seed 001).
+
+    If ``grad_inverse(∇f(x)) = x`` near ``x``, the inverse function theorem gives
+    ``J_{grad_inverse}(z) = H(x)⁻¹`` at ``z = ∇f(x)``, so ``H⁻¹ v = J_{grad_inverse}(z) v``: one
+    forward-mode ``torch.func.jvp``, cost linear in the size of ``grad_inverse``'s computation.
+    Choosing the right branch of the inverse (e.g. the signs of square roots) is the caller's job.
+
+    Args:
+        grad_inverse: maps a gradient value (tensor or pytree) back to the point ``x``.
+        z: ``∇f(x)``.
+        v: the direction, with the structure of ``z``.
+    """
+    _, out = torch.func.jvp(grad_inverse, (z,), (v,))
+    return out
+
+
+class IncrementalInverse:
+    """Dense inverse of ``M = λI + Σ_t w_t v_t v_tᵀ`` kept by Sherman–Morrison (seed 003).
+
+    Each :meth:`update` costs ``O(dim²)``:
+    ``(M + w v vᵀ)⁻¹ = M⁻¹ − w (M⁻¹v)(M⁻¹v)ᵀ / (1 + w vᵀM⁻¹v)``. It holds ``dim²`` numbers, so it
+    is for small ``dim`` (e.g. a GLM's feature count), not for network parameters.
+
+    Args:
+        dim: size of the vectors.
+        damping: ``λ > 0`` (the initial matrix ``λI`` must be invertible).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        damping: float,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"IncrementalInverse: dim must be >= 1, got {dim}")
+        if not (damping > 0 and math.isfinite(damping)):
+            raise ValueError(f"IncrementalInverse: damping must be > 0 and finite, got {damping}")
+        self.dim = dim
+        self.damping = damping
+        self.num_updates = 0
+        self._inv = torch.eye(dim, dtype=dtype, device=device) / damping
+
+    @property
+    def inverse(self) -> Tensor:
+        """The current ``M⁻¹`` (a view: do not modify)."""
+        return self._inv
+
+    def update(self, v: Tensor, weight: float = 1.0) -> None:
+        """``M ← M + weight · v vᵀ``; a negative weight downdates (must keep ``M`` invertible)."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"IncrementalInverse.update: v must have shape ({self.dim},)")
+        v = v.to(self._inv)
+        mv = self._inv @ v
+        denom = 1 + weight * torch.dot(v, mv)
+        if not float(denom.abs()) > 1e3 * _eps(self._inv.dtype) or not torch.isfinite(denom):
+            raise SingularSystemError(
+                f"IncrementalInverse.update: 1 + w vᵀM⁻¹v = {float(denom):.3g}; the update makes "
+                "M singular"
+            )
+        self._inv.sub_(torch.outer(mv, mv), alpha=weight / float(denom))
+        # Symmetrise: rounding otherwise lets M⁻¹ drift away from symmetry over many updates.
+        self._inv.copy_((self._inv + self._inv.T) / 2)
+        self.num_updates += 1
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``M⁻¹ b`` for a vector or a matrix of column vectors."""
+        return self._inv @ b.to(self._inv)
