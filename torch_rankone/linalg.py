@@ -82,18 +82,18 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def lowrank_spectrum(G: Tensor, C: Tensor, c: float, n: int) -> Tensor:
-    """Eigenvalues of the ``N×N`` operator ``c·I + U C Uᵀ`` from ``G = UᵀU`` (float64).
+def lowrank_spectrum(G: Tensor, C: Tensor, c: float) -> Tensor:
+    """Eigenvalues that govern ``(c·I + U C Uᵀ)⁻¹`` by Woodbury, from ``G = UᵀU`` (float64).
 
     The nonzero eigenvalues of ``U C Uᵀ`` are those of ``S = G^{1/2} C G^{1/2}`` (``k×k``,
-    symmetric), so the spectrum is ``{c + μ_i(S)}`` plus ``c`` repeated ``N − k`` times. Returns
-    the distinct values ``c + μ(S)`` and, when ``N > k``, ``c``. Requires ``N > k``.
+    symmetric), so the operator's spectrum is ``{c + μ_i(S)}`` together with ``c`` (for
+    ``N > k``). ``c`` is always included: Woodbury divides by it, so its rounding error grows
+    like ``max|λ| / |c|`` even when ``N ≤ k`` and ``c`` is no eigenvalue.
     """
     w, Q = torch.linalg.eigh(G)
     R = (Q * w.clamp_min(0).sqrt()) @ Q.T
-    mu = torch.linalg.eigvalsh(R @ C @ R)
-    spec = c + mu
-    return torch.cat([spec, spec.new_tensor([c])]) if n > G.shape[0] else spec
+    spec = c + torch.linalg.eigvalsh(R @ C @ R)
+    return torch.cat([spec, spec.new_tensor([c])])
 
 
 def _check_lowrank_inputs(c, U, C, g) -> tuple[TensorList, list[TensorList], Tensor]:
@@ -150,7 +150,9 @@ def lowrank_solve(
         require_pd: raise :class:`NotPositiveDefiniteError` unless the operator is positive
             definite (needs ``check=True``).
         rcond: reciprocal condition number below which the system counts as singular. Default
-            ``100·eps(dtype)``, i.e. an expected relative error above about 1 %.
+            ``100·eps(dtype)``, i.e. an expected relative error above about 1 %. The condition
+            number used is ``max|λ| / min(|λ|, |c|)`` over the operator's eigenvalues ``λ``: the
+            rounding error of Woodbury's ``(g − U a)/c`` grows like ``max|λ| / |c|``.
 
     Returns:
         ``y`` with the structure of ``g``.
@@ -172,27 +174,28 @@ def lowrank_solve(
     n, k = numel(gs), len(Us)
     if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
         raise ValueError("lowrank_solve: U or g contains non-finite values")
-    if n > k:
-        spec = lowrank_spectrum(G, C64.to(G.device), c_val, n)
-    else:  # tiny problem: the N×N operator is at most k×k, form it
-        Ud = torch.stack([flatten(u) for u in Us], dim=1).double()
-        spec = torch.linalg.eigvalsh(c_val * torch.eye(n, dtype=torch.float64) + Ud @ C64 @ Ud.T)
+    spec = lowrank_spectrum(G, C64.to(G.device), c_val)
     rcond = 100 * _eps(gs[0].dtype) if rcond is None else rcond
     smallest, largest = float(spec.abs().min()), float(spec.abs().max())
     if largest == 0 or smallest <= rcond * largest:
         raise SingularSystemError(
             f"lowrank_solve: the operator c·I + U C Uᵀ (N={n}, k={k}, c={c_val:.3g}) is singular "
-            f"or too ill-conditioned for {gs[0].dtype}: eigenvalues range over "
+            f"or too ill-conditioned for {gs[0].dtype}: eigenvalues (with c) range over "
             f"[{float(spec.min()):.3g}, {float(spec.max()):.3g}], |λ|min/|λ|max = "
             f"{smallest / largest if largest else 0.0:.2e} <= rcond = {rcond:.1e}. "
             "Increase the damping c, use float64, or pass a smaller rcond."
         )
-    if require_pd and float(spec.min()) <= 0:
-        raise NotPositiveDefiniteError(
-            f"lowrank_solve: c·I + U C Uᵀ is not positive definite: its smallest eigenvalue is "
-            f"{float(spec.min()):.6g} (c = {c_val:.6g}). Raise c above "
-            f"{c_val - float(spec.min()):.6g} to make it positive definite."
-        )
+    if require_pd:
+        if n <= k:  # c need not be an eigenvalue then; the operator is at most 8×8: form it
+            Ud = torch.stack([flatten(u).double() for u in Us], dim=1)
+            eye = torch.eye(n, dtype=torch.float64, device=Ud.device)
+            spec = torch.linalg.eigvalsh(c_val * eye + Ud @ C64.to(Ud.device) @ Ud.T)
+        if float(spec.min()) <= 0:
+            raise NotPositiveDefiniteError(
+                f"lowrank_solve: c·I + U C Uᵀ is not positive definite: its smallest eigenvalue "
+                f"is {float(spec.min()):.6g} (c = {c_val:.6g}). Raise c by more than "
+                f"{-float(spec.min()):.6g} to make it positive definite."
+            )
     a = _ext.lowrank_coefficients(G, b, C64, c_val)
     y = _ext._apply(gs, Us, a, c_val)
     return y[0] if single else y
@@ -328,9 +331,12 @@ def _check_neumann(
     by the Hankel conditioning, hence the tolerance above 1. They need one fixed operator, so
     stochastic (LiSSA) runs pass ``ritz=False`` and rely on the per-step checks.
     """
+    eps = _eps(as_tensor_list(res.solution)[0][0].dtype)
+    ritz_tol = max(1e-6, 1e3 * eps)
+    # A Gram direction of relative size σ carries a Ritz error of about eps/σ: keep only
+    # directions whose error stays ten times below ritz_tol.
     usable = ritz and bool(torch.isfinite(res.moments).all())
-    ritz = neumann_ritz_values(res) if usable else res.moments[:0]
-    ritz_tol = max(1e-6, 1e3 * _eps(as_tensor_list(res.solution)[0][0].dtype))
+    ritz = neumann_ritz_values(res, rel_tol=10 * eps / ritz_tol) if usable else res.moments[:0]
     if bool(res.diverged) or (ritz.numel() and float(ritz.max()) > 1 + ritz_tol):
         raise NeumannDivergenceError(
             f"{who}: the Neumann series diverges: " + _divergence_message(res, ritz, scale, damping)
