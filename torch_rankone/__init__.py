@@ -5,9 +5,19 @@ eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HV
 inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
 """
 
-from . import curvature, data, linalg
+from . import curvature, data, linalg, optim
 from ._ext import has_extension
+from .optim import FisherNewton, RankOneNewton
 
 __version__ = "0.1.0"
 
-__all__ = ["curvature", "linalg", "data", "has_extension", "__version__"]
+__all__ = [
+    "curvature",
+    "linalg",
+    "data",
+    "optim",
+    "RankOneNewton",
+    "FisherNewton",
+    "has_extension",
+    "__version__",
+]

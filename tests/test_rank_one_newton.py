@@ -1,0 +1,327 @@
+"""RankOneNewton (SPEC §4.1): one step against the dense formula, the curvature sources, the
+optimizer protocol, and the slides' Lemma."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _optim_problems import F64, MLPProblem, same_direction
+
+from torch_rankone import RankOneNewton
+from torch_rankone.optim import CurvatureError
+
+
+def _dense_step(prob, x, u, lr, c, safeguard):
+    """x − lr (S + c I)⁻¹ g with S = (N/2)(h uᵀ + u hᵀ), c raised by |μ₋| when it fires."""
+    H, g = prob.hessian(x), prob.grad(x)
+    n = x.numel()
+    h = H @ u
+    S = (n / 2) * (torch.outer(h, u) + torch.outer(u, h))
+    mu_minus = float(torch.linalg.eigvalsh(S)[0])  # S's only negative eigenvalue
+    assert abs(mu_minus - (n / 2) * float(h @ u - h.norm())) < 1e-9 * abs(mu_minus)
+    fired = safeguard and c <= -mu_minus
+    c_used = c - mu_minus if fired else c
+    y = torch.linalg.solve(S + c_used * torch.eye(n, dtype=F64), g)
+    return x - lr * y, c_used, fired
+
+
+@pytest.mark.parametrize(
+    "damping,delta,safeguard,expect_fire",
+    [
+        (5.0, 0.5, False, False),
+        (0.05, 0.1, False, False),
+        (5.0, 0.5, True, False),
+        (0.05, 0.1, True, True),
+    ],
+)
+def test_one_step_equals_dense_formula(damping, delta, safeguard, expect_fire):
+    prob = MLPProblem()
+    opt = RankOneNewton(
+        prob.params,
+        lr=0.7,
+        damping=damping,
+        delta=delta,
+        safeguard=safeguard,
+        generator=torch.Generator().manual_seed(3),
+    )
+    u = same_direction(prob.params, 3)
+    expected, c_used, fired = _dense_step(prob, prob.x0, u, 0.7, delta + damping, safeguard)
+    assert fired == expect_fire
+    loss = opt.step(prob.loss_closure())
+    assert torch.allclose(loss, prob.f(prob.x0), rtol=1e-12)
+    err = (prob.flat() - expected).norm() / (expected - prob.x0).norm()
+    assert err < 1e-8
+    assert abs(float(opt.state["damping"]) - c_used) < 1e-10 * c_used
+    assert int(opt.state.get("safeguard_hits", torch.tensor(0))) == int(fired)
+
+
+def test_theory_damping_step_equals_dense_formula():
+    prob = MLPProblem()
+    M, lam, delta = 2.0, 0.8, 0.1
+    opt = RankOneNewton(
+        prob.params,
+        lr=1.0,
+        delta=delta,
+        damping_mode="theory",
+        hessian_lipschitz=M,
+        lambda_max=lam,
+        generator=torch.Generator().manual_seed(5),
+    )
+    n = prob.x0.numel()
+    alpha = math.sqrt(M * float(prob.grad(prob.x0).norm()) / 2) + math.sqrt(
+        lam**2 * n * (n - 1) + n * delta**2
+    )
+    expected, _, _ = _dense_step(
+        prob, prob.x0, same_direction(prob.params, 5), 1.0, delta + alpha, True
+    )
+    opt.step(prob.loss_closure())
+    assert (prob.flat() - expected).norm() / (expected - prob.x0).norm() < 1e-8
+
+
+def _run_one(prob, mode, hvp="auto", seed=7):
+    prob.set(prob.x0)
+    for p in prob.params:
+        p.grad = None
+    opt = RankOneNewton(
+        prob.params, lr=1.0, damping=0.5, hvp=hvp, generator=torch.Generator().manual_seed(seed)
+    )
+    if mode == "graph":
+        prob.loss().backward(create_graph=True)
+        loss = opt.step()
+    elif mode == "loss_closure":
+        loss = opt.step(prob.loss_closure())
+    else:
+        loss = opt.step(prob.backward_closure(opt))
+    return prob.flat().clone(), loss, opt
+
+
+def test_graph_and_loss_closure_give_the_same_step_and_fd_agrees():
+    prob = MLPProblem()
+    x_graph, loss_graph, opt = _run_one(prob, "graph")
+    assert loss_graph is None
+    for p in prob.params:  # the graph was dropped: .grad is the plain gradient
+        assert p.grad is not None and not p.grad.requires_grad
+    x_closure, _, _ = _run_one(prob, "loss_closure")
+    assert torch.allclose(x_graph, x_closure, rtol=0, atol=1e-14)
+    x_fd, loss_fd, _ = _run_one(prob, "backward")
+    step = (x_graph - prob.x0).norm()
+    assert (x_fd - x_graph).norm() / step < 1e-5
+    assert torch.allclose(loss_fd, prob.f(prob.x0))
+    x_fd2, _, _ = _run_one(prob, "loss_closure", hvp="fd")  # fd forced on a loss closure
+    assert (x_fd2 - x_graph).norm() / step < 1e-5
+
+
+def test_fd_restores_parameters_exactly_and_grad_holds_gradient():
+    prob = MLPProblem()
+    seen = []
+    opt = RankOneNewton(
+        prob.params, lr=0.0, damping=0.5, generator=torch.Generator().manual_seed(1)
+    )
+
+    def closure():
+        seen.append(prob.flat().clone())
+        opt.zero_grad()
+        loss = prob.loss()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(seen) == 3  # the loss, then x + εu and x − εu
+    assert torch.equal(seen[0], prob.x0) and not torch.equal(seen[1], prob.x0)
+    assert torch.equal(prob.flat(), prob.x0)  # lr = 0: bit-for-bit restored
+    from torch_rankone._tensorlist import flatten
+
+    g = flatten([p.grad for p in prob.params])
+    assert torch.allclose(g, prob.grad(prob.x0), rtol=1e-12)  # not the shifted gradient
+
+
+def test_source_errors_are_clear():
+    prob = MLPProblem()
+    opt = RankOneNewton(prob.params, hvp="exact")
+    with pytest.raises(
+        CurvatureError, match="hvp='exact' cannot use a closure that calls backward"
+    ):
+        opt.step(prob.backward_closure(opt))
+    opt2 = RankOneNewton(prob.params)
+    for p in prob.params:
+        p.grad = None
+    with pytest.raises(CurvatureError, match="create_graph=True"):
+        opt2.step()
+    prob.loss().backward()  # plain backward, no graph, no closure
+    with pytest.raises(CurvatureError, match="no graph"):
+        opt2.step()
+    with pytest.raises(CurvatureError, match="without a graph"):
+        opt2.step(lambda: prob.loss().detach())
+    with pytest.raises(CurvatureError, match="needs a closure"):
+        prob.loss().backward(create_graph=True)
+        RankOneNewton(prob.params, hvp="fd").step()
+    assert torch.equal(prob.flat(), prob.x0)
+
+
+def test_param_groups_with_their_own_lr_and_damping():
+    prob = MLPProblem()
+    w1, b1, w2, b2 = prob.params
+    opt = RankOneNewton(
+        [{"params": [w1, b1], "lr": 0.5, "damping": 2.0}, {"params": [w2, b2]}],
+        lr=1.0,
+        damping=0.3,
+        delta=0.1,
+        safeguard=False,
+        generator=torch.Generator().manual_seed(2),
+    )
+    x, n = prob.x0, prob.x0.numel()
+    n1 = w1.numel() + b1.numel()
+    u = same_direction(prob.params, 2)
+    h = prob.hessian(x) @ u
+    S = (n / 2) * (torch.outer(h, u) + torch.outer(u, h))
+    lam = torch.cat([torch.full((n1,), 2.1, dtype=F64), torch.full((n - n1,), 0.4, dtype=F64)])
+    lrs = torch.cat([torch.full((n1,), 0.5, dtype=F64), torch.ones(n - n1, dtype=F64)])
+    expected = x - lrs * torch.linalg.solve(S + torch.diag(lam), prob.grad(x))
+    opt.step(prob.loss_closure())
+    assert (prob.flat() - expected).norm() / (expected - x).norm() < 1e-8
+
+
+def test_state_dict_resume_is_bit_for_bit():
+    def make():
+        prob = MLPProblem(seed=4)
+        return prob, RankOneNewton(prob.params, lr=0.5, damping=0.5)
+
+    torch.manual_seed(123)  # the owned generator is seeded from torch.initial_seed()
+    prob, opt = make()
+    for _ in range(3):
+        opt.step(prob.loss_closure())
+    saved_model = copy.deepcopy(prob.model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.step(prob.loss_closure())
+    uninterrupted = prob.flat().clone()
+
+    torch.manual_seed(999)  # a different process seed: the loaded generator state must win
+    prob2, opt2 = make()
+    prob2.model.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(4):
+        opt2.step(prob2.loss_closure())
+    assert torch.equal(prob2.flat(), uninterrupted)
+    assert int(opt2.state["step"]) == 7
+
+
+def test_non_finite_loss_or_gradient_leaves_everything_untouched():
+    prob = MLPProblem()
+    opt = RankOneNewton(prob.params, lr=1.0, damping=0.5)
+    opt.step(prob.loss_closure())
+    x1, state1 = prob.flat().clone(), copy.deepcopy(opt.state_dict())
+    opt.step(lambda: prob.loss() * float("nan"))
+    assert torch.equal(prob.flat(), x1)
+    assert int(opt.state["skipped_steps"]) == 1 and int(opt.state["step"]) == 1
+    assert state1["state"]["safeguard_hits"] == opt.state["safeguard_hits"]
+    # an inf in one gradient entry (graph mode)
+    prob.loss().backward(create_graph=True)
+    prob.params[0].grad = prob.params[0].grad * torch.tensor(float("inf"))
+    opt.step()
+    assert torch.equal(prob.flat(), x1) and int(opt.state["skipped_steps"]) == 2
+    opt.step(prob.loss_closure())  # and it recovers
+    assert not torch.equal(prob.flat(), x1) and int(opt.state["step"]) == 2
+
+
+def test_lr_scheduler_and_float32():
+    prob = MLPProblem(dtype=torch.float32)
+    opt = RankOneNewton(prob.params, lr=1.0, damping=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)  # lr 0 after one step
+    opt.step(prob.loss_closure())
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    x = prob.flat().clone()
+    assert x.dtype == torch.float32 and not torch.equal(x, prob.x0)
+    opt.step(prob.loss_closure())
+    assert torch.equal(prob.flat(), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(damping_mode="bogus"), "damping_mode"),
+        (dict(damping_mode="theory"), "hessian_lipschitz"),
+        (dict(hvp="maybe"), "hvp"),
+        (dict(damping=0.0, delta=0.0), "safeguard=True needs"),
+        (dict(lambda_max=-2.0), "lambda_max"),
+    ],
+)
+def test_hyperparameter_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RankOneNewton(MLPProblem().params, **kwargs)
+
+
+def test_non_uniform_options_across_groups_are_refused():
+    w1, b1, w2, b2 = MLPProblem().params
+    with pytest.raises(ValueError, match="same for all parameter groups"):
+        RankOneNewton([{"params": [w1, b1], "safeguard": False}, {"params": [w2, b2]}])
+
+
+# ----------------------------------------------------------------------------- the slides' Lemma
+
+
+def _lemma_K(f0_gap, M, sigma, eps, g0):
+    """Formula (3) of the slides."""
+    return math.ceil(
+        8 * f0_gap * (math.sqrt(M / 2) / eps**1.5 + sigma / eps**2) + 2 * math.log(g0 / 2)
+    )
+
+
+def test_lemma_on_the_one_dimensional_example():
+    """f(x) = log cosh(x) + x²/20: f'' ∈ [0.1, 1.1] > 0, |f'''| ≤ 4/(3√3) = M, f* = 0."""
+    M, lam_max, delta, eps = 4 / (3 * math.sqrt(3)), 1.1, 0.0, 1e-4
+    x = torch.tensor([2.5], dtype=F64, requires_grad=True)
+    f = lambda t: torch.log(torch.cosh(t)).sum() + (t**2).sum() / 20  # noqa: E731
+    opt = RankOneNewton(
+        [x], damping_mode="theory", hessian_lipschitz=M, lambda_max=lam_max, delta=delta
+    )
+    sigma = math.sqrt(lam_max**2 * 1 * 0 + 1 * delta**2)
+    g0 = float(torch.func.grad(f)(x.detach()).abs())
+    K = _lemma_K(float(f(x.detach())), M, sigma, eps, g0)
+    best, k = math.inf, 0
+    while best > eps and k < K:
+        k += 1
+        opt.step(lambda: f(x))
+        best = min(best, float(torch.func.grad(f)(x.detach()).abs()))
+    assert best <= eps and k <= K, (best, k, K)  # measured: k = 6, K ≈ 1e7
+
+
+def test_lemma_on_small_logistic_regression():
+    """Convex, N = 3: M = sup|φ'''|·max‖a‖³ and λ_max from a bound on the Hessian."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 3, generator=gen, dtype=F64)
+    b = torch.sign(torch.randn(40, generator=gen, dtype=F64))
+    lam = 0.1
+    f = lambda t: torch.nn.functional.softplus(-b * (A @ t)).mean() + lam / 2 * t @ t  # noqa: E731
+    R = float(A.norm(dim=1).max())
+    M = 1 / (6 * math.sqrt(3)) * R**3
+    lam_max = float(torch.linalg.eigvalsh(A.T @ A / (4 * len(b)))[-1]) + lam  # sup over x
+    n, eps = 3, 0.05
+    sigma = lam_max * math.sqrt(n * (n - 1))
+    x = torch.zeros(3, dtype=F64, requires_grad=True)
+    # f* from Newton's method
+    z = torch.zeros(3, dtype=F64)
+    for _ in range(30):
+        z = z - torch.linalg.solve(torch.autograd.functional.hessian(f, z), torch.func.grad(f)(z))
+    f_star = float(f(z))
+    g0 = float(torch.func.grad(f)(x.detach()).norm())
+    K = _lemma_K(float(f(x.detach())) - f_star, M, sigma, eps, g0)
+    opt = RankOneNewton(
+        [x],
+        damping_mode="theory",
+        hessian_lipschitz=M,
+        lambda_max=lam_max,
+        generator=torch.Generator().manual_seed(1),
+    )
+    best, k = math.inf, 0
+    while best > eps and k < K:
+        k += 1
+        opt.step(lambda: f(x))
+        best = min(best, float(torch.func.grad(f)(x.detach()).norm()))
+    assert best <= eps and k <= K, (best, k, K)  # measured: k = 4, K = 51

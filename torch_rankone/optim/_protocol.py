@@ -1,0 +1,349 @@
+"""The protocol every optimizer of the package shares (SPEC §4).
+
+* :func:`evaluate` turns what the user gave ``step`` into a gradient and an HVP function, from
+  one of three sources:
+
+  1. *graph gradients* — every ``p.grad`` carries a graph (``loss.backward(create_graph=True)``,
+     the AdaHessian convention): exact HVP by double backward;
+  2. *loss closure* — the closure returns the loss without calling ``backward``: the optimizer
+     differentiates it with ``create_graph=True``: exact HVP;
+  3. *backward closure* — the closure zeroes gradients, calls ``backward()`` and returns the
+     loss (``torch.optim.LBFGS`` and Lightning's convention): HVP by central finite
+     differences of gradients, ``Hu ≈ (∇f(x+εu) − ∇f(x−εu)) / 2ε`` (two more closure calls),
+     with the parameters restored bit-for-bit afterwards.
+
+* :class:`SecondOrderOptimizer` — the common ``torch.optim.Optimizer`` base: the owned random
+  generator (saved in ``state_dict``), the step/skip counters, data-parallel averaging and the
+  on-device masking of non-finite updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._tensorlist import TensorList, norm
+
+HVP_MODES = ("auto", "exact", "fd")
+
+_CONVENTIONS = (
+    "Give step() a curvature source: (1) call loss.backward(create_graph=True) before "
+    "opt.step(); (2) opt.step(closure) with a closure that returns the loss WITHOUT calling "
+    "backward (exact HVPs); or (3) a closure that zeroes the gradients, calls loss.backward() "
+    "and returns the loss (the torch.optim.LBFGS / Lightning convention), which uses "
+    "finite-difference HVPs (hvp='auto' or 'fd')."
+)
+
+
+class CurvatureError(RuntimeError):
+    """No usable gradient/curvature source was given to ``step``."""
+
+
+class Evaluation(NamedTuple):
+    """What ``step`` works with: the loss (detached, or ``None``), the plain gradient, and
+    ``v ↦ H v`` (``None`` when not requested)."""
+
+    loss: Tensor | None
+    grads: TensorList
+    hvp_fn: Callable[[TensorList], TensorList] | None
+    source: str  # "graph" | "loss_closure" | "backward_closure"
+
+
+def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[int, int] | None]:
+    """Identity and version counter of each ``.grad`` — they change iff a backward wrote it."""
+    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+
+def _graph_grads(params: Sequence[Tensor]) -> TensorList | None:
+    """The ``.grad`` tensors if at least one carries a graph (``create_graph=True``)."""
+    if not any(p.grad is not None and p.grad.requires_grad for p in params):
+        return None
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+
+def _exact_hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor]):
+    from ..curvature import graph_hvp
+
+    return lambda v: graph_hvp(grads, params, v, retain_graph=True)
+
+
+def fd_epsilon(params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """Central-difference step ``ε = eps^{1/3} · max(1, ‖x‖) / ‖v‖`` (0-d tensor, on device).
+
+    ``eps^{1/3}`` balances the ``O(ε²)`` truncation error against the ``O(eps/ε)`` rounding of
+    the gradient difference; scaling by ``‖x‖`` makes the perturbation relative to the
+    parameters, as a difference quotient must be to resolve anything in floating point.
+    """
+    cube_root_eps = torch.finfo(params[0].dtype).eps ** (1 / 3)
+    return cube_root_eps * norm(params).clamp_min(1.0) / norm(v).clamp_min(1e-300)
+
+
+def _fd_hvp_fn(
+    params: Sequence[Tensor], grad_at_point: Callable[[], TensorList]
+) -> Callable[[TensorList], TensorList]:
+    """``v ↦ (∇f(x+εv) − ∇f(x−εv)) / 2ε`` with ``x`` restored exactly after each product."""
+
+    def hvp(v: TensorList) -> TensorList:
+        eps = fd_epsilon(params, v)
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            step = torch._foreach_mul(v, eps)
+            try:
+                torch._foreach_add_(params, step)
+                g_plus = grad_at_point()
+                torch._foreach_copy_(params, saved)
+                torch._foreach_sub_(params, step)
+                g_minus = grad_at_point()
+            finally:
+                torch._foreach_copy_(params, saved)  # bit-for-bit, whatever happened
+            return torch._foreach_div(torch._foreach_sub(g_plus, g_minus), 2 * eps)
+
+    return hvp
+
+
+def evaluate(
+    params: Sequence[Tensor],
+    closure: Callable[[], Any] | None,
+    hvp_mode: str,
+    *,
+    need_hvp: bool = True,
+) -> Evaluation:
+    """Obtain loss, gradient and HVP function from the source the caller provided (SPEC §4).
+
+    ``hvp_mode="auto"`` picks graph gradients, else a loss closure, else a backward closure;
+    ``"exact"`` refuses the backward closure; ``"fd"`` uses finite differences of gradients
+    whatever the closure does (it needs a closure to re-evaluate gradients).
+    """
+    params = list(params)
+    if closure is None:
+        grads = _graph_grads(params)
+        if grads is None:
+            raise CurvatureError(
+                "step() got no closure and the gradients carry no graph. " + _CONVENTIONS
+            )
+        if hvp_mode == "fd":
+            raise CurvatureError(
+                "hvp='fd' re-evaluates gradients at shifted parameters and needs a closure. "
+                + _CONVENTIONS
+            )
+        hvp_fn = _exact_hvp_fn(grads, params) if need_hvp else None
+        return Evaluation(None, [g.detach() for g in grads], hvp_fn, "graph")
+
+    before = _grad_snapshot(params)
+    with torch.enable_grad():
+        loss = closure()
+    if not isinstance(loss, Tensor):
+        raise CurvatureError(f"the closure must return the loss as a tensor, got {type(loss)}")
+    backward_ran = _grad_snapshot(params) != before
+    graph = _graph_grads(params) if backward_ran else None
+    if graph is not None and hvp_mode != "fd":  # the closure ran backward(create_graph=True)
+        hvp_fn = _exact_hvp_fn(graph, params) if need_hvp else None
+        return Evaluation(loss.detach(), [g.detach() for g in graph], hvp_fn, "graph")
+    if backward_ran:
+        if hvp_mode == "exact":
+            raise CurvatureError(
+                "hvp='exact' cannot use a closure that calls backward() itself (gradients "
+                "without a graph). Return the loss without calling backward, or call "
+                "loss.backward(create_graph=True) in it, or use hvp='fd'. " + _CONVENTIONS
+            )
+
+        def grad_at_point() -> TensorList:
+            with torch.enable_grad():
+                closure()
+            return _grad_copies(params)
+
+        grads = _grad_copies(params)
+        hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
+        return Evaluation(loss.detach(), grads, hvp_fn, "backward_closure")
+    if not loss.requires_grad:
+        raise CurvatureError(
+            "the closure returned a loss without a graph and did not call backward(). "
+            + _CONVENTIONS
+        )
+    if loss.dim() != 0:
+        raise CurvatureError(
+            f"the closure must return a scalar loss, got shape {tuple(loss.shape)}"
+        )
+    if hvp_mode == "fd":
+
+        def grad_at_point() -> TensorList:
+            with torch.enable_grad():
+                return _loss_grads(closure(), params, create_graph=False)
+
+        grads = _loss_grads(loss, params, create_graph=False)
+        hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
+        return Evaluation(loss.detach(), grads, hvp_fn, "loss_closure")
+    with torch.enable_grad():
+        grads = _loss_grads(loss, params, create_graph=need_hvp)
+    hvp_fn = _exact_hvp_fn(grads, params) if need_hvp else None
+    return Evaluation(loss.detach(), [g.detach() for g in grads], hvp_fn, "loss_closure")
+
+
+def _grad_copies(params: Sequence[Tensor]) -> TensorList:
+    """Copies of the ``.grad`` values (zeros where a parameter got none)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _loss_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -> TensorList:
+    gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer base
+# ------------------------------------------------------------------------------------------------
+
+
+def check_hyper(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number ≥ (>) ``low``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (strict and value == low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Base class: common state, reproducible directions, averaging, masking (SPEC §4).
+
+    Global (not per-parameter) state lives under string keys of ``self.state`` — ``"step"``
+    (applied steps), ``"skipped_steps"`` (non-finite steps masked), optimizer-specific counters —
+    as device tensors, so reading them never forces a host sync during training. The random
+    generator's state is saved as ``state["generator_state"]`` by :meth:`state_dict`.
+    """
+
+    #: hyper-parameters a param group may override; the rest must agree across groups
+    _per_group: tuple[str, ...] = ("lr",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        defaults: dict[str, Any],
+        *,
+        generator: torch.Generator | None = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(params, defaults)
+        for key in defaults:
+            if key in self._per_group:
+                continue
+            values = {repr(g[key]) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"{type(self).__name__}: '{key}' must be the same for all parameter groups "
+                    f"(only {', '.join(self._per_group)} may differ), got {sorted(values)}"
+                )
+        self._owns_generator = generator is None
+        if generator is None:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(torch.initial_seed())
+        self.generator = generator
+        self.process_group = process_group
+        self._seed_synced = False
+
+    # ---- parameters and global state ---------------------------------------------------------
+
+    def _group_params(self) -> list[list[Tensor]]:
+        return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+
+    def _counter(self, key: str, like: Tensor) -> Tensor:
+        if key not in self.state:
+            self.state[key] = torch.zeros((), dtype=torch.int64, device=like.device)
+        return self.state[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        self.state["generator_state"] = self.generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        gen_state = self.state.get("generator_state")
+        if gen_state is not None:
+            self.generator.set_state(
+                gen_state.cpu() if gen_state.device.type != "cpu" else gen_state
+            )
+            self._seed_synced = True  # the loaded state is the same on every rank
+
+    # ---- data parallel ------------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return self.process_group is not None or (dist.is_available() and dist.is_initialized())
+
+    def _average(self, tensors: TensorList) -> TensorList:
+        """Mean over ranks as new tensors (the inputs, which may belong to an autograd graph,
+        are not modified); the identity single-process. Averaging values that DDP already
+        averaged changes nothing, so this is also right for a DDP-wrapped model."""
+        if not (self._distributed() and tensors):
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.process_group)
+        flat /= dist.get_world_size(self.process_group)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
+    def _sync_generator(self) -> None:
+        """Identical random directions on every rank: broadcast the owned generator's state."""
+        if self._seed_synced or not self._distributed():
+            return
+        if self._owns_generator:
+            state = self.generator.get_state()
+            backend_device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
+            buf = state.to(backend_device)
+            src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+            dist.broadcast(buf, src=src, group=self.process_group)
+            self.generator.set_state(buf.cpu())
+        self._seed_synced = True
+
+    # ---- the update -----------------------------------------------------------------------------
+
+    def _apply_masked(self, groups: list[list[Tensor]], step: list[TensorList], ok: Tensor) -> None:
+        """``p ← p − lr_g · y`` for every group, or nothing at all where ``ok`` is False.
+
+        ``torch.where`` (not a multiplication by 0, which would keep NaN) keeps a non-finite
+        step out of the parameters without a host synchronisation, like GradScaler's found-inf.
+        """
+        for g_params, y, group in zip(groups, step, self.param_groups):
+            if not g_params:
+                continue
+            lr = torch.as_tensor(group["lr"], dtype=g_params[0].dtype, device=g_params[0].device)
+            for p, yp in zip(g_params, y):
+                p.sub_(torch.where(ok, yp * lr, 0.0))
+        self._counter("step", groups_first(groups)).add_(ok.to(torch.int64))
+        self._counter("skipped_steps", groups_first(groups)).add_((~ok).to(torch.int64))
+
+    @staticmethod
+    def _detach_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """Leave the plain gradient in ``.grad`` (and drop a ``create_graph`` graph: the
+        param ↔ grad reference cycle it creates otherwise leaks memory)."""
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+def groups_first(groups: list[list[Tensor]]) -> Tensor:
+    return next(p for ps in groups for p in ps)
+
+
+def all_finite(*values: Tensor | None) -> Tensor:
+    """0-d bool tensor: every given scalar is finite (``None`` entries are ignored)."""
+    flags = [torch.isfinite(v).all() for v in values if v is not None]
+    return torch.stack(flags).all()
+
+
+def split_groups(flat: Sequence[Tensor], groups: list[list[Tensor]]) -> list[TensorList]:
+    """Cut a list over all parameters into per-group lists (same order as ``groups``)."""
+    out, i = [], 0
+    for ps in groups:
+        out.append(list(flat[i : i + len(ps)]))
+        i += len(ps)
+    return out
