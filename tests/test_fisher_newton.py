@@ -165,3 +165,76 @@ def test_nan_masking_and_resume():
     for _ in range(3):
         opt2.step(prob2.per_sample_losses)
     assert torch.equal(prob2.flat(), final)
+
+
+class _MixedNet(torch.nn.Module):
+    """Linear layers (implicit rows), a LayerNorm (materialised rows) and a Linear used twice
+    (shared weights need cross terms: materialised rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.shared = torch.nn.Linear(6, 6, bias=False)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.inp(x)))
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_linear_fast_path_equals_materialised_rows_and_dense_formula(fisher):
+    from torch_rankone._tensorlist import flatten
+
+    def run(use_module):
+        torch.manual_seed(0)
+        net = _MixedNet().to(F64)
+        gen = torch.Generator().manual_seed(1)
+        X, Y = (
+            torch.randn(12, 4, generator=gen, dtype=F64),
+            torch.randint(0, 3, (12,), generator=gen),
+        )
+        groups = [
+            {"params": list(net.inp.parameters()), "damping": 0.7, "lr": 0.5},
+            {"params": [p for n, p in net.named_parameters() if not n.startswith("inp")]},
+        ]
+        opt = FisherNewton(
+            groups,
+            damping=0.2,
+            fisher=fisher,
+            module=net if use_module else None,
+            generator=torch.Generator().manual_seed(3),
+        )
+        x0 = flatten([p.detach() for p in net.parameters()]).clone()
+        if fisher == "true":
+            opt.step(lambda: (net(X), Y))
+        else:
+            opt.step(lambda: torch.nn.functional.cross_entropy(net(X), Y, reduction="none"))
+        return net, X, Y, x0, flatten([p.detach() for p in net.parameters()])
+
+    net, X, Y, x0, fast = run(True)
+    _, _, _, _, slow = run(False)
+    assert (fast - slow).norm() / (slow - x0).norm() < 1e-10
+    if fisher == "true":
+        return
+    # dense: per-sample Jacobian by a loop over samples
+    from torch.func import functional_call
+
+    from torch_rankone._tensorlist import unflatten
+
+    names = [n for n, _ in net.named_parameters()]
+    params = list(net.parameters())
+
+    def loss_s(z, s):
+        out = functional_call(net, dict(zip(names, unflatten(z, params))), (X[s : s + 1],))
+        return torch.nn.functional.cross_entropy(out, Y[s : s + 1])
+
+    J = torch.stack([torch.func.grad(loss_s)(x0, s) for s in range(12)])
+    n_inp = sum(p.numel() for p in net.inp.parameters())
+    lam = torch.cat(
+        [torch.full((n_inp,), 0.7, dtype=F64), torch.full((len(x0) - n_inp,), 0.2, dtype=F64)]
+    )
+    lrs = torch.cat([torch.full((n_inp,), 0.5, dtype=F64), torch.ones(len(x0) - n_inp, dtype=F64)])
+    expected = x0 - lrs * torch.linalg.solve(J.T @ J / 12 + torch.diag(lam), J.mean(0))
+    assert (fast - expected).norm() / (expected - x0).norm() < 1e-8

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _ext
 from .._tensorlist import TensorList, norm
 from ..curvature import per_sample_grads
-from ._protocol import CurvatureError, SecondOrderOptimizer, all_finite, check_hyper, split_groups
+from ._protocol import CurvatureError, SecondOrderOptimizer, all_finite, check_hyper
 
 __all__ = ["FisherNewton", "fisher_sigma", "fisher_newton_direction"]
 
@@ -48,31 +48,127 @@ def fisher_sigma(
     return smoothness * math.sqrt(2) * (gap.sqrt() + math.sqrt(f_star))
 
 
-def fisher_newton_direction(
-    per_sample: TensorList, g: TensorList, c: list[Tensor]
-) -> tuple[TensorList, Tensor]:
-    """``y = ((1/B) Σ g_s g_sᵀ + Λ)⁻¹ g`` from per-sample gradients stacked as ``(B, *p.shape)``.
+class PerSampleRows:
+    """Per-sample gradients ``∇ℓ_s`` (rows of ``J``) of some parameters, as Woodbury needs them.
 
-    ``Λ`` is diagonal, constant per tensor (``c[t]``); as in RankOneNewton, unequal values are
-    handled by the rescaling ``Λ^{-1/2}``. Returns ``(y, finite_flag)``.
+    Materialised: ``rows[t]`` has shape ``(B, *p_t.shape)``. Each method returns one entry per
+    parameter tensor, so callers can weight tensors differently.
     """
-    B = per_sample[0].shape[0]
-    uniform = all(ci is c[0] for ci in c)
-    w = None if uniform else [ci.rsqrt() for ci in c]
-    J = [j.reshape(B, -1) / math.sqrt(B) for j in per_sample]  # U, one block per tensor
-    gv = [t.reshape(-1) for t in g]
-    if w is not None:
-        J = [j * wi for j, wi in zip(J, w)]
-        gv = [t * wi for t, wi in zip(gv, w)]
-    G = sum(j.to(torch.float64) @ j.T.to(torch.float64) for j in J)  # UᵀU, B×B
-    b = sum(j.to(torch.float64) @ t.to(torch.float64) for j, t in zip(J, gv))  # Uᵀg
-    c_solve = c[0] if uniform else 1.0
-    a = _ext.lowrank_coefficients(G, b, torch.eye(B, dtype=torch.float64), c_solve)
-    a = a.to(g[0].dtype)
-    y = [((t - a @ j) / c_solve).view_as(p) for t, j, p in zip(gv, J, g)]
-    if w is not None:
-        y = torch._foreach_mul(y, w)
+
+    def __init__(self, params: TensorList, rows: TensorList) -> None:
+        self.params, self.rows = params, rows
+
+    def gram(self) -> list[Tensor]:  # J_t J_tᵀ, (B, B)
+        return [r.reshape(r.shape[0], -1) @ r.reshape(r.shape[0], -1).T for r in self.rows]
+
+    def jvp(self, g: TensorList) -> list[Tensor]:  # J_t g_t, (B,)
+        return [r.reshape(r.shape[0], -1) @ t.reshape(-1) for r, t in zip(self.rows, g)]
+
+    def vjp(self, a: Tensor) -> TensorList:  # J_tᵀ a, parameter-shaped
+        return [(a @ r.reshape(r.shape[0], -1)).view(r.shape[1:]) for r in self.rows]
+
+    def gather(self, gather_rows: Callable[[TensorList], TensorList]) -> PerSampleRows:
+        return PerSampleRows(self.params, gather_rows(self.rows))
+
+
+class LinearRows(PerSampleRows):
+    """Per-sample gradients of an ``nn.Linear`` layer kept implicit: ``∇W_s = δ_s a_sᵀ``,
+    ``∇b_s = δ_s``, from its inputs ``A`` (B×in) and output gradients ``Δ`` (B×out).
+
+    ``⟨∇W_s, ∇W_r⟩ = (a_s·a_r)(δ_s·δ_r)``, so ``J Jᵀ = (ΔΔᵀ)∘(AAᵀ)``,
+    ``J g = rowsum((Δ g_W)∘A)`` and ``Jᵀa = Δᵀ diag(a) A`` cost about one forward pass of the
+    layer and never form the ``B``
+    per-sample weight gradients (Goodfellow, "Efficient per-example gradient computations", 2015).
+    """
+
+    def __init__(self, params: TensorList, A: Tensor, D: Tensor) -> None:
+        self.params, self.A, self.D = params, A, D
+
+    def gram(self) -> list[Tensor]:
+        dd = self.D @ self.D.T
+        return [dd * (self.A @ self.A.T), dd][: len(self.params)]
+
+    def jvp(self, g: TensorList) -> list[Tensor]:
+        out = [((self.D @ g[0]) * self.A).sum(1)]
+        return out + [self.D @ g[1]] if len(self.params) == 2 else out
+
+    def vjp(self, a: Tensor) -> TensorList:
+        out = [self.D.T @ (a[:, None] * self.A)]
+        return out + [self.D.T @ a] if len(self.params) == 2 else out
+
+    def gather(self, gather_rows: Callable[[TensorList], TensorList]) -> LinearRows:
+        A, D = gather_rows([self.A, self.D])
+        return LinearRows(self.params, A, D)
+
+
+def fisher_newton_direction(
+    blocks: list[PerSampleRows], g: dict[int, Tensor], c: dict[int, Tensor], batch: int
+) -> tuple[dict[int, Tensor], Tensor]:
+    """``y = ((1/B) J ᵀJ + Λ)⁻¹ g`` by Woodbury with ``U = Jᵀ/√B``, ``C = I_B``, ``Λ = diag(c_t)``.
+
+    With ``Λ`` constant per tensor: ``a = (I + Σ_t J_tJ_tᵀ/(B c_t))⁻¹ Σ_t J_t g_t/(B c_t)`` and
+    ``y_t = (g_t − J_tᵀ a)/c_t`` — for one shared ``c`` this is ``(c I + JJᵀ/B)⁻¹ Jg/B``, the usual
+    form. ``g`` and ``c`` are keyed by ``id(param)``. Returns ``(y by id, finite flag)``.
+    """
+    G = torch.zeros(batch, batch, dtype=torch.float64)
+    b = torch.zeros(batch, dtype=torch.float64)
+    for blk in blocks:
+        # matmuls in the parameters' dtype (an up-cast of the B×N rows would cost more than the
+        # step); only the B×B system is float64
+        ids = [id(p) for p in blk.params]
+        gs = [g[i] for i in ids]
+        for i, gram_t, jg_t in zip(ids, blk.gram(), blk.jvp(gs)):
+            scale = (batch * c[i]).to(torch.float64)
+            G = G.to(gram_t.device) + gram_t.to(torch.float64) / scale
+            b = b.to(jg_t.device) + jg_t.to(torch.float64) / scale
+    eye = torch.eye(batch, dtype=torch.float64, device=G.device)
+    a = _ext.lowrank_coefficients(G, b, eye, 1.0)
+    y = {}
+    for blk in blocks:
+        a_t = a.to(blk.params[0].dtype)
+        for p, ja in zip(blk.params, blk.vjp(a_t)):
+            y[id(p)] = (g[id(p)] - ja) / c[id(p)]
     return y, all_finite(G, b, a)
+
+
+class _LinearCapture:
+    """During the closure, record input and output of every ``nn.Linear`` in ``module`` whose
+    parameters are being optimised, for the implicit per-sample rows of :class:`LinearRows`.
+
+    Only layers called exactly once with a 2-D ``(B, in)`` input qualify (a shared or
+    sequence-applied layer would need cross terms); the others fall back to materialised rows.
+    """
+
+    def __init__(self, module: torch.nn.Module | None, params: TensorList) -> None:
+        self.module, self.ids = module, {id(p) for p in params}
+        self.calls: dict[torch.nn.Linear, list[tuple[Tensor, Tensor]]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _LinearCapture:
+        if self.module is None:
+            return self
+        for layer in self.module.modules():
+            if isinstance(layer, torch.nn.Linear) and id(layer.weight) in self.ids:
+                self.handles.append(layer.register_forward_hook(self._record))
+        return self
+
+    def _record(self, layer, inputs, output) -> None:
+        self.calls.setdefault(layer, []).append((inputs[0], output))
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def layers(self) -> list[tuple[Tensor, Tensor, TensorList]]:
+        out = []
+        for layer, calls in self.calls.items():
+            ((A, z),) = calls if len(calls) == 1 else ((None, None),)
+            if A is None or A.dim() != 2 or z.dim() != 2:
+                continue
+            ps = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            if all(id(p) in self.ids for p in ps):
+                out.append((A.detach(), z, ps))
+        return out
 
 
 class FisherNewton(SecondOrderOptimizer):
@@ -101,8 +197,13 @@ class FisherNewton(SecondOrderOptimizer):
             indices for cross-entropy, predictions and values for mse — and ``D`` uses labels
             sampled from the model (``Categorical(softmax)``, or ``N(φ, 1)``) with the
             optimizer's generator, while ``g`` uses the data labels.
-        generator, process_group: as in :class:`RankOneNewton`. Distributed: per-sample gradients
+        generator, process_group: as in :class:`RankOneNewton`. Distributed: per-sample rows
             are all-gathered, so ``D`` is the Fisher of the union batch.
+        module: optional model whose ``nn.Linear`` layers (called once per step on ``(B, in)``
+            inputs) get implicit per-sample gradients (:class:`LinearRows`): the ``B×B`` Gram
+            from layer inputs and output gradients, never ``B`` copies of the weights. Other
+            parameters use materialised per-sample gradients (one batched backward). Same
+            result, much less memory traffic: pass it for MLP-like models.
 
     State: ``state["step"]``, ``state["skipped_steps"]``, ``state["damping"]``.
     """
@@ -123,10 +224,13 @@ class FisherNewton(SecondOrderOptimizer):
         *,
         generator: torch.Generator | None = None,
         process_group: Any = None,
+        module: torch.nn.Module | None = None,
     ) -> None:
         check_hyper("lr", lr)
         check_hyper("damping", damping)
         check_hyper("f_star", f_star)
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if damping_mode not in ("fixed", "theory"):
             raise ValueError(f"damping_mode must be 'fixed' or 'theory', got {damping_mode!r}")
         if loss_type not in LOSS_TYPES:
@@ -162,6 +266,7 @@ class FisherNewton(SecondOrderOptimizer):
         for group in self.param_groups:
             check_hyper("param group lr", group["lr"])
             check_hyper("param group damping", group["damping"], strict=damping_mode == "fixed")
+        self.module = module
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:
@@ -176,26 +281,59 @@ class FisherNewton(SecondOrderOptimizer):
         params = [p for ps in groups for p in ps]
         defaults = self.param_groups[0]
         self._sync_generator()
-        losses, fisher_losses = self._per_sample_losses(closure, params, defaults)
+        with _LinearCapture(self.module, params) as capture:
+            losses, fisher_losses = self._per_sample_losses(closure, params, defaults)
+        rows_losses = losses if fisher_losses is None else fisher_losses
         with torch.enable_grad():
-            if fisher_losses is None:
-                per_sample = per_sample_grads(losses, params)
-            else:
-                per_sample = per_sample_grads(losses, params, retain_graph=True)
-                fisher_rows = per_sample_grads(fisher_losses, params)
-        g = self._average([ps.mean(0) for ps in per_sample])
-        if fisher_losses is not None:
-            per_sample = fisher_rows
-        per_sample = self._gather_rows(per_sample)
+            blocks = self._blocks(
+                rows_losses, params, capture, keep_graph=fisher_losses is not None
+            )
+            if fisher_losses is None:  # g = mean of the rows
+                ones = torch.full_like(rows_losses, 1.0 / rows_losses.shape[0]).detach()
+                g_by_id = {id(p): t for blk in blocks for p, t in zip(blk.params, blk.vjp(ones))}
+            else:  # g from the data labels
+                grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+                g_by_id = {id(p): gp for p, gp in zip(params, grads)}
+        g = self._average([g_by_id.get(id(p), torch.zeros_like(p)) for p in params])
+        g_by_id = {id(p): gp for p, gp in zip(params, g)}
+        if self._distributed():
+            blocks = [blk.gather(self._gather_rows) for blk in blocks]
+        batch = (blocks[0].A if isinstance(blocks[0], LinearRows) else blocks[0].rows[0]).shape[0]
         loss = self._average([losses.detach().mean()])[0]
         c_groups = self._damping(g, loss, defaults)
-        c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
-        y, solved = fisher_newton_direction(per_sample, g, c_tensors)
+        c_by_id = {id(p): c for c, ps in zip(c_groups, groups) for p in ps}
+        y, solved = fisher_newton_direction(blocks, g_by_id, c_by_id, batch)
         ok = solved & all_finite(loss, torch.stack(c_groups))
-        self._apply_masked(groups, split_groups(y, groups), ok)
+        self._apply_masked(groups, [[y[id(p)] for p in ps] for ps in groups], ok)
         self.state["damping"] = c_groups[0].detach()
         self._detach_grads(params, g)
         return loss
+
+    @staticmethod
+    def _blocks(
+        losses: Tensor, params: TensorList, capture: _LinearCapture, *, keep_graph: bool
+    ) -> list[PerSampleRows]:
+        """Implicit rows for captured ``nn.Linear`` layers, materialised rows for the rest."""
+        layers = capture.layers()
+        blocks: list[PerSampleRows] = []
+        covered = {id(p) for _, _, ps in layers for p in ps}
+        rest = [p for p in params if id(p) not in covered]
+        if layers:
+            # δ_s = ∂ℓ_s/∂z_s: samples do not interact, so one backward of Σ ℓ_s gives them all
+            deltas = torch.autograd.grad(
+                losses.sum(),
+                [out for _, out, _ in layers],
+                retain_graph=bool(rest) or keep_graph,
+                allow_unused=True,
+            )
+            for (A, out, ps), D in zip(layers, deltas):
+                D = torch.zeros_like(out) if D is None else D
+                blocks.append(LinearRows(ps, A, D.detach()))
+        if rest:
+            blocks.append(
+                PerSampleRows(rest, per_sample_grads(losses, rest, retain_graph=keep_graph))
+            )
+        return blocks
 
     def _per_sample_losses(self, closure, params, defaults) -> tuple[Tensor, Tensor | None]:
         with torch.enable_grad():
@@ -238,9 +376,8 @@ class FisherNewton(SecondOrderOptimizer):
         return losses, model_losses
 
     def _gather_rows(self, per_sample: TensorList) -> TensorList:
-        """All ranks' per-sample gradients, so ``D`` is the Fisher of the union batch."""
-        if not self._distributed():
-            return per_sample
+        """All ranks' rows (per-sample gradients or layer inputs/output gradients), stacked in
+        rank order, so ``D`` is the Fisher of the union batch."""
         world = dist.get_world_size(self.process_group)
         flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_sample], dim=1).contiguous()
         parts = [torch.empty_like(flat) for _ in range(world)]

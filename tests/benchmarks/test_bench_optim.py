@@ -1,0 +1,143 @@
+"""Wall time of one optimizer step relative to one Adam step and one plain gradient.
+
+MLP 784-1024-256-10 (1,068,810 parameters), CPU. Every step includes its forward/backward work:
+``Adam`` = forward + backward + update; ``gradient`` = forward + backward; RankOneNewton =
+forward + backward with a graph + one HVP + the rank-2 Woodbury update; FisherNewton = forward +
+the per-sample Gram (implicit for Linear layers with ``module=``, else B materialised per-sample
+gradients) + the B×B Woodbury update. Goals: RankOneNewton ≤ 3.5 Adam steps
+(batch 128), FisherNewton with B = 32 ≤ 6 Adam steps (batch 32).
+
+``python -m pytest tests/benchmarks/test_bench_optim.py --benchmark-enable -s`` prints the ratios
+(medians, one run) and writes ``tests/benchmarks/results/optim_cpu.txt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_rankone import FisherNewton, RankOneNewton, has_extension
+
+SIZES = (784, 1024, 256, 10)
+RESULTS = Path(__file__).parent / "results" / "optim_cpu.txt"
+_medians: dict[str, float] = {}
+
+
+def _model():
+    torch.manual_seed(0)
+    layers = []
+    for i, (m, n) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        layers += [torch.nn.Linear(m, n)] + ([torch.nn.Tanh()] if i < len(SIZES) - 2 else [])
+    return torch.nn.Sequential(*layers)
+
+
+def _batch(b):
+    gen = torch.Generator().manual_seed(b)
+    return torch.randn(b, SIZES[0], generator=gen), torch.randint(0, SIZES[-1], (b,), generator=gen)
+
+
+def _ce(model, X, y, reduction="mean"):
+    return torch.nn.functional.cross_entropy(model(X), y, reduction=reduction)
+
+
+def _bench(benchmark, name, fn):
+    benchmark.group = "optimizer-step"
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+    if benchmark.stats is not None:
+        _medians[name] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("batch", [128, 32])
+def test_gradient(benchmark, batch):
+    model, (X, y) = _model(), _batch(batch)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        _ce(model, X, y).backward()
+
+    _bench(benchmark, f"gradient (batch {batch})", run)
+
+
+@pytest.mark.parametrize("batch", [128, 32])
+def test_adam(benchmark, batch):
+    model, (X, y) = _model(), _batch(batch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        _ce(model, X, y).backward()
+        opt.step()
+
+    _bench(benchmark, f"Adam (batch {batch})", run)
+
+
+def test_rank_one_newton_graph_gradients(benchmark):
+    model, (X, y) = _model(), _batch(128)
+    opt = RankOneNewton(model.parameters(), lr=1e-3, damping=10.0)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        _ce(model, X, y).backward(create_graph=True)
+        opt.step()
+
+    _bench(benchmark, "RankOneNewton, create_graph (batch 128)", run)
+
+
+def test_rank_one_newton_loss_closure(benchmark):
+    model, (X, y) = _model(), _batch(128)
+    opt = RankOneNewton(model.parameters(), lr=1e-3, damping=10.0)
+    _bench(
+        benchmark,
+        "RankOneNewton, loss closure (batch 128)",
+        lambda: opt.step(lambda: _ce(model, X, y)),
+    )
+
+
+def test_rank_one_newton_fd(benchmark):
+    model, (X, y) = _model(), _batch(128)
+    opt = RankOneNewton(model.parameters(), lr=1e-3, damping=10.0, hvp="fd")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = _ce(model, X, y)
+        loss.backward()
+        return loss
+
+    _bench(benchmark, "RankOneNewton, backward closure + FD (batch 128)", lambda: opt.step(closure))
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["module", "materialised"])
+def test_fisher_newton(benchmark, implicit):
+    """``module=model``: implicit per-sample rows of the Linear layers (the documented fast
+    path); without it every per-sample gradient is materialised (B × 1M numbers)."""
+    model, (X, y) = _model(), _batch(32)
+    opt = FisherNewton(
+        model.parameters(), lr=1e-3, damping=10.0, module=model if implicit else None
+    )
+    name = "FisherNewton, B = 32, " + (
+        "module= (implicit rows)" if implicit else "materialised rows"
+    )
+    _bench(benchmark, name, lambda: opt.step(lambda: _ce(model, X, y, "none")))
+
+
+def test_report_ratios():
+    if "Adam (batch 128)" not in _medians:
+        pytest.skip("timings need --benchmark-enable")
+    lines = [
+        f"MLP {SIZES}, 1,068,810 parameters, float32, CPU, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, extension in use: {has_extension()}",
+        f"{'step':50s} {'median ms':>10s} {'/ Adam':>8s} {'/ grad':>8s}",
+    ]
+    for name, t in _medians.items():
+        batch = "32" if "32" in name else "128"
+        adam, grad = _medians[f"Adam (batch {batch})"], _medians[f"gradient (batch {batch})"]
+        lines.append(f"{name:50s} {1e3 * t:10.2f} {t / adam:8.2f} {t / grad:8.2f}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    RESULTS.write_text(report + "\n")
+    r1 = _medians["RankOneNewton, create_graph (batch 128)"] / _medians["Adam (batch 128)"]
+    rf = _medians["FisherNewton, B = 32, module= (implicit rows)"] / _medians["Adam (batch 32)"]
+    assert r1 <= 3.5, report
+    assert rf <= 6.0, report
