@@ -7,7 +7,7 @@ inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM
 
 from . import curvature, data, linalg, optim
 from ._ext import has_extension
-from .optim import FisherNewton, RankOneNewton
+from .optim import FisherNewton, NeumannIHVP, RankOneNewton
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "optim",
     "RankOneNewton",
     "FisherNewton",
+    "NeumannIHVP",
     "has_extension",
     "__version__",
 ]

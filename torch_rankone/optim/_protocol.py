@@ -254,6 +254,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _group_params(self) -> list[list[Tensor]]:
         return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
 
+    def _next_call(self) -> int:
+        """Index of this ``step()`` call, counted on the host (schedules need no device sync);
+        saved in ``state_dict`` so that a resumed run keeps the schedule."""
+        calls = self.state.get("step_calls", 0)
+        self.state["step_calls"] = calls + 1
+        return calls
+
     def _counter(self, key: str, like: Tensor) -> Tensor:
         if key not in self.state:
             self.state[key] = torch.zeros((), dtype=torch.int64, device=like.device)

@@ -171,6 +171,7 @@ class RankOneNewton(SecondOrderOptimizer):
         if not params:
             return None
         self._sync_generator()
+        self._call = self._next_call()
         ev = evaluate(params, closure, self.hvp_mode)
         g = self._average(ev.grads)
         z = randn_like(params, self.generator)
@@ -217,10 +218,9 @@ class RankOneNewton(SecondOrderOptimizer):
         return [c] * len(self.param_groups)
 
     def _estimated_lambda_max(self, ev, like: TensorList) -> Tensor:
-        step = int(self.state.get("step", torch.zeros(())).item()) + int(
-            self.state.get("skipped_steps", torch.zeros(())).item()
-        )
-        if "lambda_max" not in self.state or step % self.lambda_max_refresh == 0:
+        """``|λ_max(H)|`` by 20 power iterations, at the first call and every
+        ``lambda_max_refresh`` calls (those steps synchronise with the host)."""
+        if "lambda_max" not in self.state or self._call % self.lambda_max_refresh == 0:
             res = power_iteration(
                 lambda v: self._average(ev.hvp_fn(v)),
                 like,

@@ -1,0 +1,120 @@
+"""NeumannIHVP (SPEC §4.3): one step against the dense truncated series, fallback on divergence,
+protocol behaviour."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _optim_problems import F64, MLPProblem
+
+from torch_rankone import NeumannIHVP
+
+
+def _dense(prob, K, s, lam, lr):
+    H, g = prob.hessian(prob.x0), prob.grad(prob.x0)
+    n = len(g)
+    M = torch.eye(n, dtype=F64) - (H + lam * torch.eye(n, dtype=F64)) / s
+    y = sum(torch.linalg.matrix_power(M, j) for j in range(K + 1)) @ g / s
+    return prob.x0 - lr * y, H
+
+
+@pytest.mark.parametrize("mode", ["graph", "loss_closure", "fd"])
+def test_one_step_equals_dense_truncated_series(mode):
+    prob = MLPProblem()
+    H = prob.hessian(prob.x0)
+    lam = 0.5 - min(0.0, float(torch.linalg.eigvalsh(H)[0]))  # H + λI positive definite
+    s = 1.2 * float(torch.linalg.eigvalsh(H)[-1] + lam)
+    expected, _ = _dense(prob, 6, s, lam, 0.9)
+    calls = []
+    opt = NeumannIHVP(
+        prob.params, lr=0.9, damping=lam, num_terms=6, scale=s, hvp="fd" if mode == "fd" else "auto"
+    )
+    if mode == "graph":
+        prob.loss().backward(create_graph=True)
+        opt.step()
+    elif mode == "loss_closure":
+        opt.step(lambda: calls.append(1) or prob.loss())
+    else:
+        opt.step(prob.backward_closure(opt))
+    tol = 1e-5 if mode == "fd" else 1e-10
+    assert (prob.flat() - expected).norm() / (expected - prob.x0).norm() < tol
+    assert int(opt.state["neumann_fallbacks"]) == 0
+    if mode == "loss_closure":
+        assert len(calls) == 1
+
+
+def test_exactly_num_terms_hvps_per_step(monkeypatch):
+    import torch_rankone.optim._protocol as protocol
+
+    count = [0]
+    original = protocol._exact_hvp_fn
+
+    def counting(grads, params):
+        fn = original(grads, params)
+        return lambda v: (count.__setitem__(0, count[0] + 1), fn(v))[1]
+
+    monkeypatch.setattr(protocol, "_exact_hvp_fn", counting)
+    prob = MLPProblem()
+    opt = NeumannIHVP(prob.params, damping=1.0, num_terms=7, scale=50.0)
+    opt.step(prob.loss_closure())
+    assert count[0] == 7
+
+
+def test_estimated_scale_refreshes_on_schedule():
+    prob = MLPProblem()
+    opt = NeumannIHVP(prob.params, damping=1.0, num_terms=3, scale_refresh=2)
+    opt.step(prob.loss_closure())
+    top = float(torch.linalg.eigvalsh(prob.hessian(prob.x0) + torch.eye(37, dtype=F64))[-1])
+    assert abs(float(opt.state["scale"]) / (1.05 * top) - 1) < 1e-3
+    s1 = float(opt.state["scale"])
+    opt.step(prob.loss_closure())
+    assert float(opt.state["scale"]) == s1  # not refreshed on call 1
+    opt.step(prob.loss_closure())
+    assert float(opt.state["scale"]) != s1  # refreshed on call 2 (new point)
+
+
+def test_divergence_falls_back_to_damped_gradient_step_and_warns():
+    prob = MLPProblem()
+    H, g = prob.hessian(prob.x0), prob.grad(prob.x0)
+    s = 0.3 * float(torch.linalg.eigvalsh(H)[-1])  # far below λ_max: the series diverges
+    opt = NeumannIHVP(prob.params, lr=1.0, damping=0.0, num_terms=30, scale=s, scale_refresh=2)
+    opt.step(prob.loss_closure())
+    x1 = prob.flat()
+    assert torch.isfinite(x1).all()
+    assert torch.allclose(x1, prob.x0 - g / s, rtol=1e-12)  # the fallback step
+    assert int(opt.state["neumann_fallbacks"]) == 1 and int(opt.state["skipped_steps"]) == 0
+    opt.step(prob.loss_closure())
+    with pytest.warns(RuntimeWarning, match="diverged in 2 step"):
+        opt.step(prob.loss_closure())  # call 2: the scheduled sync point reports
+
+
+def test_nan_masking_resume_and_validation():
+    torch.manual_seed(0)
+    prob = MLPProblem()
+    opt = NeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=4)
+    opt.step(prob.loss_closure())
+    saved = copy.deepcopy(prob.model.state_dict()), copy.deepcopy(opt.state_dict())
+    x1 = prob.flat().clone()
+    opt.step(lambda: prob.loss() * float("nan"))
+    assert torch.equal(prob.flat(), x1) and int(opt.state["skipped_steps"]) == 1
+    for _ in range(3):
+        opt.step(prob.loss_closure())
+    prob2 = MLPProblem()
+    opt2 = NeumannIHVP(prob2.params, lr=0.5, damping=1.0, num_terms=4)
+    prob2.model.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    opt2.step(lambda: prob2.loss() * float("nan"))
+    for _ in range(3):
+        opt2.step(prob2.loss_closure())
+    assert torch.equal(prob2.flat(), prob.flat())
+    for kwargs, match in [
+        (dict(num_terms=0), "num_terms"),
+        (dict(scale=-1.0), "scale"),
+        (dict(scale_refresh=0), "scale_refresh"),
+        (dict(hvp="x"), "hvp"),
+        (dict(damping=-1.0), "damping"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            NeumannIHVP(prob.params, **kwargs)
