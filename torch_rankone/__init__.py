@@ -5,7 +5,7 @@ eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HV
 inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
 """
 
-from . import curvature, data, linalg, optim
+from . import curvature, data, influence, linalg, optim
 from ._ext import has_extension
 from .optim import FisherNewton, NeumannIHVP, RankOneNewton
 
@@ -15,6 +15,7 @@ __all__ = [
     "curvature",
     "linalg",
     "data",
+    "influence",
     "optim",
     "RankOneNewton",
     "FisherNewton",
