@@ -299,17 +299,29 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             offset += t.numel()
         return out
 
+    def _average_with_loss(
+        self, grads: TensorList, loss: Tensor | None
+    ) -> tuple[TensorList, Tensor | None]:
+        """Gradient and loss averaged in the same all_reduce: ``step`` returns the global mean
+        loss, and the skip decision (which reads the loss) is the same on every rank even when
+        only one rank's loss is non-finite."""
+        if loss is None or not self._distributed():
+            return self._average(grads), loss
+        *g, mean = self._average([*grads, loss.detach().to(grads[0].dtype).reshape(())])
+        return g, mean.to(loss.dtype)
+
     def _sync_generator(self) -> None:
-        """Identical random directions on every rank: broadcast the owned generator's state."""
+        """Identical random directions on every rank: broadcast the generator's state from the
+        group's first rank — the owned generator (seeded per process) and a given one alike (a
+        generator seeded per rank would otherwise make the replicas drift apart silently)."""
         if self._seed_synced or not self._distributed():
             return
-        if self._owns_generator:
-            state = self.generator.get_state()
-            backend_device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
-            buf = state.to(backend_device)
-            src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
-            dist.broadcast(buf, src=src, group=self.process_group)
-            self.generator.set_state(buf.cpu())
+        state = self.generator.get_state()
+        backend_device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
+        buf = state.to(backend_device)
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        dist.broadcast(buf, src=src, group=self.process_group)
+        self.generator.set_state(buf.cpu())
         self._seed_synced = True
 
     # ---- the update -----------------------------------------------------------------------------

@@ -294,12 +294,22 @@ class FisherNewton(SecondOrderOptimizer):
             else:  # g from the data labels
                 grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
                 g_by_id = {id(p): gp for p, gp in zip(params, grads)}
-        g = self._average([g_by_id.get(id(p), torch.zeros_like(p)) for p in params])
-        g_by_id = {id(p): gp for p, gp in zip(params, g)}
+        g_local = [g_by_id.get(id(p), torch.zeros_like(p)) for p in params]
+        loss_local = losses.detach().mean()
         if self._distributed():
-            blocks = [blk.gather(self._gather_rows) for blk in blocks]
+            # Ranks may hold different batch sizes: all_gather needs equal shapes, and the union
+            # batch's mean weights rank r's mean by B_r/B (1 for equal sizes). One small
+            # all_gather and one host sync per step, for the shapes.
+            sizes = self._batch_sizes(losses.shape[0], losses.device)
+            weight = len(sizes) * losses.shape[0] / sum(sizes)
+            if weight != 1.0:
+                g_local = [t * weight for t in g_local]
+                loss_local = loss_local * weight
+            blocks = [blk.gather(lambda rows: self._gather_rows(rows, sizes)) for blk in blocks]
+        g = self._average(g_local)
+        g_by_id = {id(p): gp for p, gp in zip(params, g)}
         batch = (blocks[0].A if isinstance(blocks[0], LinearRows) else blocks[0].rows[0]).shape[0]
-        loss = self._average([losses.detach().mean()])[0]
+        loss = self._average([loss_local])[0]
         c_groups = self._damping(g, loss, defaults)
         c_by_id = {id(p): c for c, ps in zip(c_groups, groups) for p in ps}
         y, solved = fisher_newton_direction(blocks, g_by_id, c_by_id, batch)
@@ -375,14 +385,24 @@ class FisherNewton(SecondOrderOptimizer):
                 model_losses = 0.5 * (pred - (pred.detach() + noise.to(pred.device))).pow(2).sum(1)
         return losses, model_losses
 
-    def _gather_rows(self, per_sample: TensorList) -> TensorList:
-        """All ranks' rows (per-sample gradients or layer inputs/output gradients), stacked in
-        rank order, so ``D`` is the Fisher of the union batch."""
+    def _batch_sizes(self, local: int, device: torch.device) -> list[int]:
+        """Every rank's batch size, in rank order."""
         world = dist.get_world_size(self.process_group)
+        mine = torch.tensor([local], dtype=torch.int64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=self.process_group)
+        return torch.cat(parts).tolist()
+
+    def _gather_rows(self, per_sample: TensorList, sizes: list[int]) -> TensorList:
+        """All ranks' rows (per-sample gradients or layer inputs/output gradients), stacked in
+        rank order, so ``D`` is the Fisher of the union batch; ``sizes``: rows per rank."""
+        world = len(sizes)
         flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_sample], dim=1).contiguous()
+        if flat.shape[0] < max(sizes):  # all_gather needs equal shapes: pad with zero rows
+            flat = torch.cat([flat, flat.new_zeros(max(sizes) - flat.shape[0], flat.shape[1])])
         parts = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(parts, flat, group=self.process_group)
-        rows = torch.cat(parts, dim=0)
+        rows = torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
         out, offset = [], 0
         for t in per_sample:
             width = t[0].numel()

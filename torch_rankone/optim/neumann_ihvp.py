@@ -100,7 +100,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         self._sync_generator()
         opts = self.param_groups[0]
         ev = evaluate(params, closure, self.hvp_mode)
-        g = self._average(ev.grads)
+        g, loss = self._average_with_loss(ev.grads, ev.loss)
 
         def hvp(v):
             return self._average(ev.hvp_fn(v))
@@ -113,10 +113,10 @@ class NeumannIHVP(SecondOrderOptimizer):
         y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(g, res.solution)]
         fallbacks = self._counter("neumann_fallbacks", params[0])
         fallbacks.add_(res.diverged.to(torch.int64))
-        ok = all_finite(ev.loss, s, *y)
+        ok = all_finite(loss, s, *y)
         self._apply_masked(groups, split_groups(y, groups), ok)
         self._detach_grads(params, g)
-        return ev.loss
+        return loss
 
     def _scale(self, hvp, like, opts, *, refresh: bool) -> Tensor:
         """``s`` as a 0-d tensor; estimated on schedule when not given (syncs those steps)."""

@@ -173,7 +173,7 @@ class RankOneNewton(SecondOrderOptimizer):
         self._sync_generator()
         self._call = self._next_call()
         ev = evaluate(params, closure, self.hvp_mode)
-        g = self._average(ev.grads)
+        g, loss = self._average_with_loss(ev.grads, ev.loss)
         z = randn_like(params, self.generator)
         u = torch._foreach_div(z, norm(z))
         h = self._average(ev.hvp_fn(u))
@@ -192,11 +192,11 @@ class RankOneNewton(SecondOrderOptimizer):
             self._counter("safeguard_hits", params[0]).add_(raise_c.to(torch.int64))
         c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
         y, solved = rank_one_newton_direction(g, h, u, c_tensors)
-        ok = solved & all_finite(ev.loss, torch.stack(c_groups))
+        ok = solved & all_finite(loss, torch.stack(c_groups))
         self._apply_masked(groups, split_groups(y, groups), ok)
         self.state["damping"] = c_groups[0].detach()
         self._detach_grads(params, g)
-        return ev.loss
+        return loss
 
     def _shifts(self, g: TensorList, n: int, ev, defaults: dict) -> list[Tensor]:
         """``c = δ + α`` per group, as 0-d tensors on the parameters' device (no host sync)."""

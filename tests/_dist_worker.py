@@ -1,0 +1,261 @@
+"""Worker and shared scenarios for ``tests/test_distributed.py`` (SPEC §4, data parallel).
+
+Run as ``python _dist_worker.py RANK WORLD STORE OUT SCENARIO...``: joins a gloo process group
+through the rendezvous store the parent test serves (``STORE`` is ``tcp:PORT``, a TCPStore on
+``127.0.0.1:PORT``, or ``file:PATH``, a FileStore), runs the scenarios on this rank's shard of
+the batch and ``torch.save``s their outcomes to ``OUT`` (see :func:`main`). The same ``run_*``
+functions give the parent its single-process reference on the union batch, so both sides differ
+only in where the rows live.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from _optim_problems import MLPProblem
+
+from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
+from torch_rankone._tensorlist import flatten
+
+STEPS = 5
+BATCH = 16  # the union batch; rank r holds rows [r·B/W, (r+1)·B/W)
+
+
+def make_problem(rank: int | None = None, world: int = 1) -> MLPProblem:
+    """The 16-sample MLP problem (same model and data everywhere); a rank keeps its rows."""
+    prob = MLPProblem(seed=0, batch=BATCH)
+    if rank is not None:
+        per = BATCH // world
+        prob.X, prob.Y = (
+            prob.X[rank * per : (rank + 1) * per],
+            prob.Y[rank * per : (rank + 1) * per],
+        )
+    return prob
+
+
+def _record(prob: MLPProblem, traj: list, losses: list, **extra) -> dict:
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in prob.params]
+    return {
+        "trajectory": torch.stack(traj),  # (STEPS, N): the parameters after each step
+        "losses": torch.stack(losses) if losses and losses[0] is not None else None,
+        "grad": flatten(grads).clone(),  # what .grad holds after the last step
+        "initial_seed": torch.initial_seed(),
+        **extra,
+    }
+
+
+def run_rank_one(
+    prob: MLPProblem,
+    mode: str,
+    *,
+    seed: int,
+    gen_seed: int | None = None,
+    hvp: str = "auto",
+    process_group=None,
+    model: torch.nn.Module | None = None,
+    theory: bool = False,
+) -> dict:
+    """STEPS RankOneNewton steps from the problem's start through curvature source ``mode``:
+    ``"loss_closure"``, ``"graph"`` (``backward(create_graph=True)`` then ``step()``) or
+    ``"backward"`` (zero_grad/backward/return loss, through ``model`` — e.g. a DDP wrapper).
+
+    ``seed`` goes to ``torch.manual_seed`` right before the optimizer is built (its owned
+    generator is seeded from ``torch.initial_seed()``); ``gen_seed`` passes an explicit one.
+    """
+    torch.manual_seed(seed)
+    gen = None if gen_seed is None else torch.Generator().manual_seed(gen_seed)
+    damping = (
+        dict(damping_mode="theory", hessian_lipschitz=1.0, lambda_max_refresh=2)
+        if theory
+        else dict(damping=0.5)
+    )
+    opt = RankOneNewton(
+        prob.params, lr=1.0, hvp=hvp, generator=gen, process_group=process_group, **damping
+    )
+    model = prob.model if model is None else model
+
+    def backward_closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(prob.X), prob.Y)
+        loss.backward()
+        return loss
+
+    traj, losses = [], []
+    for _ in range(STEPS):
+        if mode == "graph":
+            opt.zero_grad()
+            prob.loss().backward(create_graph=True)
+            loss = opt.step()
+        elif mode == "loss_closure":
+            loss = opt.step(prob.loss)
+        elif mode == "backward":
+            loss = opt.step(backward_closure)
+        else:
+            raise ValueError(mode)
+        traj.append(prob.flat().clone())
+        losses.append(loss)
+    return _record(
+        prob,
+        traj,
+        losses,
+        safeguard_hits=int(opt.state.get("safeguard_hits", 0)),
+        lambda_max=float(opt.state.get("lambda_max", float("nan"))),
+    )
+
+
+def run_fisher(prob: MLPProblem, *, seed: int, process_group=None, module: bool = False) -> dict:
+    """STEPS FisherNewton steps (empirical Fisher) from the problem's start; ``module=True``
+    passes the model, so its ``nn.Linear`` layers use implicit per-sample rows (inputs and
+    output gradients are what gets all-gathered then)."""
+    torch.manual_seed(seed)
+    opt = FisherNewton(
+        prob.params,
+        lr=1.0,
+        damping=0.1,
+        process_group=process_group,
+        module=prob.model if module else None,
+    )
+    traj, losses = [], []
+    for _ in range(STEPS):
+        losses.append(opt.step(prob.per_sample_losses))
+        traj.append(prob.flat().clone())
+    return _record(prob, traj, losses)
+
+
+def run_neumann(prob: MLPProblem, *, seed: int) -> dict:
+    """STEPS NeumannIHVP steps; the scale is estimated by power iteration every 2 steps (start
+    vector from the optimizer's generator, HVPs averaged across ranks)."""
+    torch.manual_seed(seed)
+    opt = NeumannIHVP(prob.params, lr=1.0, damping=0.5, num_terms=5, scale_refresh=2)
+    traj, losses = [], []
+    for _ in range(STEPS):
+        losses.append(opt.step(prob.loss))
+        traj.append(prob.flat().clone())
+    return _record(prob, traj, losses, scale=float(opt.state["scale"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenarios: what each rank runs. Ranks are seeded differently on purpose (torch.manual_seed(rank))
+# so that only the optimizer's broadcast of its generator makes the directions agree.
+# ------------------------------------------------------------------------------------------------
+
+
+def scenario_rank_one_loss_closure(rank: int, world: int) -> dict:
+    return run_rank_one(make_problem(rank, world), "loss_closure", seed=rank)
+
+
+def scenario_rank_one_graph(rank: int, world: int) -> dict:
+    return run_rank_one(make_problem(rank, world), "graph", seed=rank)
+
+
+def scenario_rank_one_explicit_generator(rank: int, world: int) -> dict:
+    return run_rank_one(make_problem(rank, world), "loss_closure", seed=rank, gen_seed=7)
+
+
+def scenario_rank_one_theory(rank: int, world: int) -> dict:
+    """Theory damping with λ_max estimated by power iteration (its start vector comes from the
+    optimizer's generator, its HVPs are averaged), refreshed every 2 steps."""
+    prob = make_problem(rank, world)
+    return run_rank_one(prob, "loss_closure", seed=rank, theory=True)
+
+
+def scenario_neumann(rank: int, world: int) -> dict:
+    return run_neumann(make_problem(rank, world), seed=rank)
+
+
+def scenario_ddp_fd(rank: int, world: int) -> dict:
+    prob = make_problem(rank, world)
+    ddp = torch.nn.parallel.DistributedDataParallel(prob.model)
+    return run_rank_one(prob, "backward", seed=rank, hvp="fd", model=ddp)
+
+
+def scenario_process_group(rank: int, world: int) -> dict:
+    """RankOneNewton given ``process_group=``: a singleton group (no averaging, no broadcast, so
+    each rank follows its own shard and its own seed) and an explicit group of all ranks."""
+    singletons = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes all
+    everyone = dist.new_group(list(range(world)))
+    prob = make_problem(rank, world)
+    own = run_rank_one(prob, "loss_closure", seed=rank, process_group=singletons[rank])
+    prob = make_problem(rank, world)
+    return {
+        "own": own,
+        "all": run_rank_one(prob, "loss_closure", seed=rank, process_group=everyone),
+    }
+
+
+def scenario_fisher(rank: int, world: int) -> dict:
+    """FisherNewton on the world group (materialised and implicit per-sample rows), then on a
+    singleton ``process_group=``."""
+    union = run_fisher(make_problem(rank, world), seed=rank)
+    union_module = run_fisher(make_problem(rank, world), seed=rank, module=True)
+    singletons = [dist.new_group([r]) for r in range(world)]
+    own = run_fisher(make_problem(rank, world), seed=rank, process_group=singletons[rank])
+    return {"union": union, "union_module": union_module, "own": own}
+
+
+def scenario_failing_rank(rank: int, world: int) -> dict:
+    """Harness check, run last: rank 1 fails; rank 0 must see an error in its collective (the
+    peer went away, or a 5 s timeout), not hang."""
+    if rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    work = dist.all_reduce(torch.zeros(1), async_op=True)
+    work.wait(timeout=datetime.timedelta(seconds=5))
+    return {}
+
+
+SCENARIOS = {
+    name.removeprefix("scenario_"): fn
+    for name, fn in globals().items()
+    if name.startswith("scenario_")
+}
+
+
+def main(argv: list[str]) -> int:
+    """``argv``: RANK WORLD STORE OUT SCENARIO... — runs the scenarios in order and saves
+    ``{scenario: outcome}`` to ``OUT``, an outcome being ``{"ok": True, "result": ...,
+    "seconds": ...}`` or ``{"ok": False, "error": traceback}``. A rank stops at its first
+    failure (collectives after a one-sided failure would be mismatched; its peer fails in its
+    next collective), so the scenarios after it are absent."""
+    rank, world, where, out, names = int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5:]
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DIST_TEST_TIMEOUT", 30)))
+    outcomes: dict = {}
+
+    def save() -> None:
+        torch.save(outcomes, out + ".part")
+        os.replace(out + ".part", out)  # the parent never reads a half-written file
+
+    try:
+        kind, _, address = where.partition(":")
+        if kind == "tcp":
+            store = dist.TCPStore("127.0.0.1", int(address), is_master=False, timeout=timeout)
+        else:
+            store = dist.FileStore(address, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    except BaseException:
+        outcomes["<init>"] = {"ok": False, "error": traceback.format_exc()}
+        save()
+        return 1
+    try:
+        for name in names:
+            start = time.perf_counter()
+            try:
+                result = SCENARIOS[name](rank, world)
+            except BaseException:
+                outcomes[name] = {"ok": False, "error": traceback.format_exc()}
+                break
+            outcomes[name] = {"ok": True, "result": result, "seconds": time.perf_counter() - start}
+            save()
+    finally:
+        save()
+        dist.destroy_process_group()
+    return 0 if all(o["ok"] for o in outcomes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,406 @@
+"""Data parallel (SPEC §4, "Distributed data parallel"): two gloo ranks on loopback, each holding
+half of a batch, follow the single-process trajectory on the union batch.
+
+One pair of worker processes (``tests/_dist_worker.py``) runs every scenario, in order, for the
+whole module; they rendezvous through a TCPStore this process serves on ``127.0.0.1`` (on a
+socket bound to an OS-chosen port before they start, so no other process can take the port) and
+save their results to a temporary folder. The single-process references run here, with the same
+code on all 16 rows. Ranks are seeded differently (``torch.manual_seed(rank)``) so that only the
+optimizer's broadcast of its generator can make the random directions agree. Workers are killed
+at a deadline, so nothing hangs; a rank's failure is reported with its traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist_worker import make_problem, run_fisher, run_neumann, run_rank_one
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this build",
+)
+
+WORLD = 2
+WORKER = Path(__file__).with_name("_dist_worker.py")
+DEADLINE_S = 60.0  # wall-clock limit of one two-process launch
+TIGHT = 1e-10  # float64 rounding only: union mean vs mean of the ranks' half-batch means
+SCENARIOS = (  # run in this order by one pair of workers
+    "rank_one_loss_closure",
+    "rank_one_graph",
+    "rank_one_explicit_generator",
+    "rank_one_theory",
+    "neumann",
+    "ddp_fd",
+    "process_group",
+    "fisher",
+    "failing_rank",  # last: rank 1 fails on purpose, which ends the process group
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launching the workers
+# ------------------------------------------------------------------------------------------------
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    loopbacks = [n for n in names if n.startswith("lo")]  # Linux "lo", macOS "lo0"
+    return "lo" if "lo" in loopbacks else (loopbacks[0] if loopbacks else None)
+
+
+def _serve_store(folder: Path):
+    """A rendezvous store for the workers: ``(store or None, "tcp:PORT" | "file:PATH")``.
+
+    ``TCPStore(port=0)`` would listen on every interface, so the store adopts a socket already
+    bound to ``127.0.0.1`` with a port the OS picked (the store owns the descriptor from then
+    on). Where it cannot (``master_listen_fd`` is not supported everywhere), a FileStore.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4 * WORLD)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=DEADLINE_S),
+            master_listen_fd=sock.fileno(),
+        )
+    except (RuntimeError, TypeError, ValueError, OSError):
+        sock.close()
+        return None, f"file:{folder / 'rendezvous'}"
+    sock.detach()  # the store closes it
+    return store, f"tcp:{port}"
+
+
+class Launch:
+    """What one run of the workers left: per rank ``{scenario: outcome}``, exit codes, logs."""
+
+    def __init__(self, folder: Path, scenarios, *, collective_timeout_s: float = 30.0) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        store, where = _serve_store(folder)
+        env = dict(os.environ, OMP_NUM_THREADS="1", DIST_TEST_TIMEOUT=str(collective_timeout_s))
+        lo = _loopback_interface()
+        if lo is not None:
+            env["GLOO_SOCKET_IFNAME"] = lo  # gloo's own connections stay on loopback too
+        outs = [folder / f"rank{r}.pt" for r in range(WORLD)]
+        logs = [folder / f"rank{r}.log" for r in range(WORLD)]
+        procs: list[subprocess.Popen] = []
+        start = time.monotonic()
+        self.timed_out = False
+        try:
+            for r in range(WORLD):
+                with open(logs[r], "w") as log:
+                    cmd = [sys.executable, str(WORKER), str(r), str(WORLD), where, str(outs[r])]
+                    procs.append(
+                        subprocess.Popen(
+                            [*cmd, *scenarios],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            cwd=WORKER.parent,
+                            env=env,
+                        )
+                    )
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.1, start + DEADLINE_S - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.timed_out = True
+                    break
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            del store
+        self.seconds = time.monotonic() - start
+        self.returncodes = [p.returncode for p in procs]
+        self.logs = [log.read_text() for log in logs]
+        self.outcomes = [torch.load(o) if o.exists() else {} for o in outs]
+
+    def stopped_at(self, scenarios: list[str]) -> int:
+        """Index of the first scenario that some rank did not complete (``len`` if none)."""
+        return min(
+            next(
+                (i for i, name in enumerate(scenarios) if not got.get(name, {}).get("ok")),
+                len(scenarios),
+            )
+            for got in self.outcomes
+        )
+
+    def fatal(self) -> bool:
+        """Nothing worth retrying: the deadline hit, or a rank failed before any scenario
+        (import, rendezvous, ``init_process_group``)."""
+        return self.timed_out or any(not got or "<init>" in got for got in self.outcomes)
+
+    def report(self, scenario: str) -> str:
+        lines = [f"scenario {scenario!r} on {WORLD} gloo ranks"]
+        if self.timed_out:
+            lines[0] += f" (workers killed at the {DEADLINE_S:.0f} s deadline)"
+        for r, got in enumerate(self.outcomes):
+            if scenario in got:
+                what = "ok" if got[scenario]["ok"] else got[scenario]["error"]
+            else:
+                failed = [f"{name}: {o['error']}" for name, o in got.items() if not o["ok"]]
+                what = "not run. " + (failed[0] if failed else "Log:\n" + self.logs[r])
+            lines.append(f"--- rank {r} (exit code {self.returncodes[r]}): {what[-4000:]}")
+        return "\n".join(lines)
+
+
+class Ranks:
+    """Every scenario's outcome. A rank stops at its first failure (its peer then fails in its
+    next collective: collectives after a one-sided failure would be mismatched), so the
+    scenarios after a failed one are run again by a fresh pair of workers."""
+
+    def __init__(self, folder: Path) -> None:
+        self.launch_of: dict[str, Launch] = {}
+        todo = list(SCENARIOS)
+        for attempt in range(len(SCENARIOS)):
+            launch = Launch(folder / f"launch{attempt}", todo)
+            stop = launch.stopped_at(todo)
+            if stop == len(todo) or launch.fatal():
+                self.launch_of.update(dict.fromkeys(todo, launch))
+                break
+            self.launch_of.update(dict.fromkeys(todo[: stop + 1], launch))
+            todo = todo[stop + 1 :]
+            if not todo:
+                break
+
+    def launch(self, scenario: str) -> Launch:
+        return self.launch_of[scenario]
+
+    def results(self, scenario: str) -> list[dict]:
+        """Every rank's result, or fail the test saying which rank failed and how."""
+        launch = self.launch_of[scenario]
+        got = [launch.outcomes[r].get(scenario) for r in range(WORLD)]
+        if not all(o is not None and o["ok"] for o in got):
+            pytest.fail(launch.report(scenario), pytrace=False)
+        return [o["result"] for o in got]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Ranks:
+    """One run of every scenario by a pair of workers, shared by the tests of this module."""
+    return Ranks(tmp_path_factory.mktemp("dist"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparisons
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def reference(run, *args, rows_of: int | None = None, **kwargs) -> dict:
+    """A single-process run here on the union batch (or on rank ``rows_of``'s rows), leaving the
+    global RNG as it was; cached, the tests only read it."""
+    prob = make_problem() if rows_of is None else make_problem(rows_of, WORLD)
+    with torch.random.fork_rng():
+        return run(prob, *args, **kwargs)
+
+
+def trajectory_error(result: dict, ref: dict) -> torch.Tensor:
+    """Per step: ``‖x_k − x_k^ref‖ / ‖x_k^ref − x_0‖`` (relative to the displacement)."""
+    x0 = make_problem().x0
+    diff = (result["trajectory"] - ref["trajectory"]).norm(dim=1)
+    return diff / (ref["trajectory"] - x0).norm(dim=1)
+
+
+def assert_follows(results: list[dict], ref: dict, tol: float, what: str) -> None:
+    for r, res in enumerate(results):
+        err = trajectory_error(res, ref)
+        assert err.max() < tol, (
+            f"rank {r}: {what} departs from the single-process reference; relative error per "
+            f"step {[f'{e:.2e}' for e in err.tolist()]} (tolerance {tol:.0e})"
+        )
+
+
+def assert_ranks_agree(results: list[dict]) -> None:
+    """Bit-for-bit: the ranks apply the same update to the same parameters."""
+    for r, res in enumerate(results[1:], start=1):
+        assert torch.equal(res["trajectory"], results[0]["trajectory"]), (
+            f"rank {r} and rank 0 hold different parameters: max difference "
+            f"{(res['trajectory'] - results[0]['trajectory']).abs().max():.3e}"
+        )
+
+
+def assert_grad_is_union_gradient(results: list[dict], ref: dict, tol: float) -> None:
+    """After ``step``, ``.grad`` holds the (averaged) gradient of the union batch."""
+    for r, res in enumerate(results):
+        err = float((res["grad"] - ref["grad"]).norm() / ref["grad"].norm())
+        assert err < tol, f"rank {r}: .grad after step is not the union-batch gradient ({err:.2e})"
+
+
+def assert_seeded_differently(results: list[dict]) -> None:
+    seeds = [res["initial_seed"] for res in results]
+    assert len(set(seeds)) == len(seeds), f"ranks were meant to be seeded differently: {seeds}"
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) plain model, each rank holds half of the batch
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rank_one_loss_closure_follows_union_batch_run(ranks):
+    results = ranks.results("rank_one_loss_closure")
+    assert_seeded_differently(results)
+    ref = reference(run_rank_one, "loss_closure", seed=0)  # rank 0's seed
+    assert_follows(results, ref, TIGHT, "RankOneNewton (loss closure)")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref, TIGHT)
+    # the test can tell: directions from rank 1's own seed would leave the reference far behind
+    own_seed = reference(run_rank_one, "loss_closure", seed=1)
+    assert trajectory_error(own_seed, ref).max() > 1e-3
+
+
+def test_rank_one_graph_gradients_follow_union_batch_run(ranks):
+    """``loss.backward(create_graph=True); opt.step()`` on every rank."""
+    results = ranks.results("rank_one_graph")
+    assert_seeded_differently(results)
+    ref = reference(run_rank_one, "graph", seed=0)
+    assert_follows(results, ref, TIGHT, "RankOneNewton (graph gradients)")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref, TIGHT)
+
+
+def test_rank_one_explicit_generator_follows_union_batch_run(ranks):
+    """``generator=Generator().manual_seed(7)`` on every rank (global seeds still differ)."""
+    results = ranks.results("rank_one_explicit_generator")
+    assert_seeded_differently(results)
+    ref = reference(run_rank_one, "loss_closure", seed=0, gen_seed=7)
+    assert_follows(results, ref, TIGHT, "RankOneNewton (explicit generator)")
+    assert_ranks_agree(results)
+    owned = reference(run_rank_one, "loss_closure", seed=0)
+    assert trajectory_error(owned, ref).max() > 1e-3  # the explicit generator is what was used
+
+
+def test_rank_one_theory_damping_with_estimated_lambda_max(ranks):
+    """``damping_mode="theory"`` estimating λ_max by power iteration every 2 steps: its start
+    vector is drawn from the (broadcast) generator and its HVPs are averaged too."""
+    results = ranks.results("rank_one_theory")
+    assert_seeded_differently(results)
+    ref = reference(run_rank_one, "loss_closure", seed=0, theory=True)
+    assert_follows(results, ref, TIGHT, "RankOneNewton (theory damping)")
+    assert_ranks_agree(results)
+    for r, res in enumerate(results):
+        assert abs(res["lambda_max"] - ref["lambda_max"]) <= 1e-10 * ref["lambda_max"], (
+            f"rank {r}: λ_max estimate {res['lambda_max']} vs union batch {ref['lambda_max']}"
+        )
+
+
+def test_neumann_ihvp_follows_union_batch_run(ranks):
+    """NeumannIHVP with its scale estimated by power iteration (every 2 steps): the start
+    vector comes from the broadcast generator, all HVPs are averaged."""
+    results = ranks.results("neumann")
+    assert_seeded_differently(results)
+    ref = reference(run_neumann, seed=0)
+    assert_follows(results, ref, TIGHT, "NeumannIHVP")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref, TIGHT)
+    for r, res in enumerate(results):
+        assert abs(res["scale"] - ref["scale"]) <= 1e-10 * ref["scale"], (
+            f"rank {r}: estimated scale {res['scale']} vs union batch {ref['scale']}"
+        )
+
+
+def test_fisher_newton_uses_the_union_batch_fisher(ranks):
+    """Per-sample gradients are all-gathered (rank 0's rows, then rank 1's): ``D`` is the Fisher
+    of all 16 samples, ``g`` their mean gradient, and ``step`` returns the union mean loss."""
+    results = [res["union"] for res in ranks.results("fisher")]
+    ref = reference(run_fisher, seed=0)
+    assert_follows(results, ref, TIGHT, "FisherNewton")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref, TIGHT)
+    for r, res in enumerate(results):
+        assert torch.allclose(res["losses"], ref["losses"], rtol=1e-12, atol=0), (
+            f"rank {r}: step() returned {res['losses'].tolist()}, the union-batch mean losses "
+            f"are {ref['losses'].tolist()}"
+        )
+    # the Fisher of a rank's own 8 rows would give a different trajectory
+    local = reference(run_fisher, rows_of=0, seed=0)
+    assert trajectory_error(local, ref).max() > 1e-3
+
+
+def test_fisher_newton_implicit_linear_rows_gather_the_union_batch(ranks):
+    """``module=model``: the ``nn.Linear`` layers' inputs and output gradients are what gets
+    all-gathered; the step is still the union-batch Fisher step."""
+    results = [res["union_module"] for res in ranks.results("fisher")]
+    ref = reference(run_fisher, seed=0, module=True)
+    assert_follows(results, ref, TIGHT, "FisherNewton(module=...)")
+    assert_ranks_agree(results)
+    materialised = reference(run_fisher, seed=0)
+    assert trajectory_error(materialised, ref).max() < TIGHT  # same step, other representation
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) DDP-wrapped model, backward closure, finite-difference HVPs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ddp_backward_closure_fd_follows_union_batch_run(ranks):
+    """``DistributedDataParallel`` (gloo, CPU) with a zero_grad/backward/return-loss closure and
+    ``hvp="fd"``, against the plain model on the union batch."""
+    results = ranks.results("ddp_fd")
+    assert_seeded_differently(results)
+    ref_fd = reference(run_rank_one, "backward", seed=0, hvp="fd")
+    ref_exact = reference(run_rank_one, "loss_closure", seed=0)
+    # the same difference quotient of the same (averaged) gradients: rounding times 1/(2ε)
+    assert_follows(results, ref_fd, 1e-8, "DDP + fd (vs single-process fd)")
+    assert_follows(results, ref_exact, 1e-5, "DDP + fd (vs single-process exact HVP)")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref_fd, TIGHT)
+
+
+# ------------------------------------------------------------------------------------------------
+# process_group=
+# ------------------------------------------------------------------------------------------------
+
+
+def test_process_group_is_honoured(ranks):
+    """With a singleton group nothing is averaged or broadcast: rank ``r`` follows the
+    single-process run on its own rows with its own seed. A ``new_group`` of both ranks gives
+    the union trajectory back."""
+    results = ranks.results("process_group")
+    for r, res in enumerate(results):
+        own = reference(run_rank_one, "loss_closure", rows_of=r, seed=r)
+        assert_follows([res["own"]], own, TIGHT, f"rank {r}: RankOneNewton in its own group")
+    union = reference(run_rank_one, "loss_closure", seed=0)
+    assert_follows([res["all"] for res in results], union, TIGHT, "new_group([0, 1])")
+    assert_ranks_agree([res["all"] for res in results])
+
+
+def test_fisher_newton_process_group_is_honoured(ranks):
+    for r, res in enumerate(ranks.results("fisher")):
+        own = reference(run_fisher, rows_of=r, seed=r)
+        assert_follows([res["own"]], own, TIGHT, f"rank {r}: FisherNewton in its own group")
+
+
+# ------------------------------------------------------------------------------------------------
+# the harness itself
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_failing_rank_is_reported_and_nothing_hangs(ranks):
+    """The last scenario fails on rank 1 on purpose: rank 0 gets an error, not a hang."""
+    launch = ranks.launch("failing_rank")
+    assert not launch.timed_out and launch.seconds < DEADLINE_S
+    with pytest.raises(pytest.fail.Exception) as info:
+        ranks.results("failing_rank")
+    report = str(info.value)
+    assert "rank 1" in report and "deliberate failure on rank 1" in report, report
+    assert launch.outcomes[0]["failing_rank"]["ok"] is False, report  # the peer went away
