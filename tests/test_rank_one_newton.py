@@ -15,15 +15,17 @@ from torch_rankone.optim import CurvatureError
 
 
 def _dense_step(prob, x, u, lr, c, safeguard):
-    """x − lr (S + c I)⁻¹ g with S = (N/2)(h uᵀ + u hᵀ), c raised by |μ₋| when it fires."""
+    """x − lr (S + c I)⁻¹ g with S = (N/2)(h uᵀ + u hᵀ), c raised to |μ₋| + c/2 when it fires."""
     H, g = prob.hessian(x), prob.grad(x)
     n = x.numel()
     h = H @ u
     S = (n / 2) * (torch.outer(h, u) + torch.outer(u, h))
     mu_minus = float(torch.linalg.eigvalsh(S)[0])  # S's only negative eigenvalue
     assert abs(mu_minus - (n / 2) * float(h @ u - h.norm())) < 1e-9 * abs(mu_minus)
-    fired = safeguard and c <= -mu_minus
-    c_used = c - mu_minus if fired else c
+    fired = safeguard and -mu_minus > c / 2
+    c_used = -mu_minus + c / 2 if fired else c
+    if fired:  # the smallest eigenvalue of S + c_used I is c/2
+        assert abs(float(torch.linalg.eigvalsh(S)[0]) + c_used - c / 2) < 1e-9 * c_used
     y = torch.linalg.solve(S + c_used * torch.eye(n, dtype=F64), g)
     return x - lr * y, c_used, fired
 
@@ -32,9 +34,10 @@ def _dense_step(prob, x, u, lr, c, safeguard):
     "damping,delta,safeguard,expect_fire",
     [
         (5.0, 0.5, False, False),
-        (0.05, 0.1, False, False),
-        (5.0, 0.5, True, False),
-        (0.05, 0.1, True, True),
+        (0.05, 0.1, False, False),  # indefinite D + αI, solved as written
+        (10.0, 0.5, True, False),  # |μ₋| = 2.88 < c/2
+        (5.0, 0.5, True, True),  # positive definite but c/2 < |μ₋| < c: raised
+        (0.05, 0.1, True, True),  # indefinite: raised
     ],
 )
 def test_one_step_equals_dense_formula(damping, delta, safeguard, expect_fire):
@@ -56,6 +59,24 @@ def test_one_step_equals_dense_formula(damping, delta, safeguard, expect_fire):
     assert err < 1e-8
     assert abs(float(opt.state["damping"]) - c_used) < 1e-10 * c_used
     assert int(opt.state.get("safeguard_hits", torch.tensor(0))) == int(fired)
+
+
+def test_safeguard_is_continuous_across_the_indefinite_boundary():
+    """Just below and just above c = |μ₋| the steps agree (no jump to a near-singular system)."""
+    H = torch.diag(torch.tensor([1.0, 0.1], dtype=F64))
+    u = same_direction([torch.zeros(2, dtype=F64)], 0)
+    h = H @ u
+    mu_abs = -float(h @ u - h.norm())  # N/2 = 1
+
+    def step_norm(c):
+        x = torch.ones(2, dtype=F64, requires_grad=True)
+        opt = RankOneNewton([x], damping=c, generator=torch.Generator().manual_seed(0))
+        opt.step(lambda: 0.5 * x @ H @ x)
+        return float((x.detach() - 1).norm())
+
+    below, above = step_norm(mu_abs * (1 - 1e-6)), step_norm(mu_abs * (1 + 1e-6))
+    assert abs(below - above) < 1e-4 * below, (below, above)
+    assert below < 100  # measured 29; the old rule (raise only when c ≤ |μ₋|) gave 1.4e7 above
 
 
 def test_theory_damping_step_equals_dense_formula():

@@ -90,11 +90,13 @@ class RankOneNewton(SecondOrderOptimizer):
         lambda_max: ``λ_max`` bound for ``"theory"``; ``None`` estimates ``|λ_max(H)|`` by power
             iteration on HVPs at the first step and every ``lambda_max_refresh`` steps (those
             steps synchronise with the host; 20 HVPs each by default).
-        safeguard: ``S`` has exactly one negative eigenvalue ``μ₋ = (N/2)(h·u − ‖h‖)``. If
-            ``c = δ + α`` does not exceed ``|μ₋|`` (for groups: the smallest ``c``), ``D + αI`` is
-            indefinite and every ``c`` is raised by ``|μ₋|``, so the smallest eigenvalue becomes
-            ``c`` again (counted in ``state["safeguard_hits"]``). Beyond the slides; ``False``
-            follows the formula as written.
+        safeguard: ``S`` has exactly one negative eigenvalue ``μ₋ = (N/2)(h·u − ‖h‖)``, so
+            ``D + αI`` is indefinite when ``c = δ + α ≤ |μ₋|`` and nearly singular just above.
+            The safeguard raises ``c`` to ``max(c, |μ₋| + c/2)`` (for groups: all ``c`` by the
+            shift the smallest needs), so the smallest eigenvalue is always at least ``c/2``,
+            continuously in ``μ₋``; it fires when ``|μ₋| > c/2`` (counted in
+            ``state["safeguard_hits"]``). Beyond the slides; ``False`` follows the formula as
+            written.
         hvp: curvature source, ``"auto" | "exact" | "fd"`` (see :mod:`torch_rankone.optim`).
         generator: random source for ``u`` (default: owned, seeded from ``torch.initial_seed()``,
             saved in ``state_dict``).
@@ -181,15 +183,17 @@ class RankOneNewton(SecondOrderOptimizer):
         defaults = self.param_groups[0]
         c_groups = self._shifts(g, n, ev, defaults)
 
-        # Safeguard: S's only negative eigenvalue is μ₋ = (N/2)(h·u − ‖h‖‖u‖), ‖u‖ = 1.
+        # Safeguard: S's only negative eigenvalue is μ₋ = (N/2)(h·u − ‖h‖‖u‖), ‖u‖ = 1. Raise
+        # every c by the same shift so that the smallest c becomes max(c, |μ₋| + c/2): the
+        # smallest eigenvalue of D + αI is then at least c/2 — continuous in μ₋, unlike a jump
+        # at c = |μ₋|, which leaves c − |μ₋| ≈ 0 just above it.
         mu_minus = (n / 2) * (dot(h, u) - norm(h))
         if defaults["safeguard"]:
             c_min = torch.stack(c_groups).min()
-            raise_c = c_min + mu_minus <= 0
-            shift = torch.where(raise_c, -mu_minus, 0.0)
+            shift = (-mu_minus - c_min / 2).clamp_min(0.0)
             shifted = {id(c): c + shift for c in c_groups}  # keeps shared values shared
             c_groups = [shifted[id(c)] for c in c_groups]
-            self._counter("safeguard_hits", params[0]).add_(raise_c.to(torch.int64))
+            self._counter("safeguard_hits", params[0]).add_((shift > 0).to(torch.int64))
         c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
         y, solved = rank_one_newton_direction(g, h, u, c_tensors)
         ok = solved & all_finite(loss, torch.stack(c_groups))
