@@ -11,6 +11,7 @@ only in where the rows live.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 import time
@@ -24,19 +25,29 @@ from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
 from torch_rankone._tensorlist import flatten
 
 STEPS = 5
-BATCH = 16  # the union batch; rank r holds rows [r·B/W, (r+1)·B/W)
+BATCH = 16  # the union batch; rank r holds rows [r·B/W, (r+1)·B/W) unless told otherwise
+UNEQUAL = (10, 6)  # rows per rank in the unequal-batch scenario: rank 0 rows 0-9, rank 1 10-15
+INF_AT = 2  # the step (0-based) at which rank 1's loss is +inf in the non-finite-loss scenario
 
 
-def make_problem(rank: int | None = None, world: int = 1) -> MLPProblem:
-    """The 16-sample MLP problem (same model and data everywhere); a rank keeps its rows."""
+def make_problem(
+    rank: int | None = None, world: int = 1, sizes: tuple[int, ...] | None = None
+) -> MLPProblem:
+    """The 16-sample MLP problem (same model and data everywhere); a rank keeps its rows, the
+    next ``sizes[rank]`` after those of the lower ranks (equal shares if ``sizes`` is None)."""
     prob = MLPProblem(seed=0, batch=BATCH)
     if rank is not None:
-        per = BATCH // world
-        prob.X, prob.Y = (
-            prob.X[rank * per : (rank + 1) * per],
-            prob.Y[rank * per : (rank + 1) * per],
-        )
+        sizes = (BATCH // world,) * world if sizes is None else sizes
+        assert len(sizes) == world and sum(sizes) == BATCH, (sizes, world)
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        prob.X, prob.Y = prob.X[rows], prob.Y[rows]
     return prob
+
+
+def _inf_loss(loss_fn):
+    """The loss plus ``+inf``: non-finite, while its gradient and HVPs stay those of ``loss_fn``."""
+    return lambda: loss_fn() + math.inf
 
 
 def _record(prob: MLPProblem, traj: list, losses: list, **extra) -> dict:
@@ -60,6 +71,7 @@ def run_rank_one(
     process_group=None,
     model: torch.nn.Module | None = None,
     theory: bool = False,
+    inf_at: int | None = None,
 ) -> dict:
     """STEPS RankOneNewton steps from the problem's start through curvature source ``mode``:
     ``"loss_closure"``, ``"graph"`` (``backward(create_graph=True)`` then ``step()``) or
@@ -67,6 +79,7 @@ def run_rank_one(
 
     ``seed`` goes to ``torch.manual_seed`` right before the optimizer is built (its owned
     generator is seeded from ``torch.initial_seed()``); ``gen_seed`` passes an explicit one.
+    ``inf_at``: the step at which the loss closure returns ``+inf`` (finite gradient and HVPs).
     """
     torch.manual_seed(seed)
     gen = None if gen_seed is None else torch.Generator().manual_seed(gen_seed)
@@ -87,13 +100,13 @@ def run_rank_one(
         return loss
 
     traj, losses = [], []
-    for _ in range(STEPS):
+    for k in range(STEPS):
         if mode == "graph":
             opt.zero_grad()
             prob.loss().backward(create_graph=True)
             loss = opt.step()
         elif mode == "loss_closure":
-            loss = opt.step(prob.loss)
+            loss = opt.step(_inf_loss(prob.loss) if k == inf_at else prob.loss)
         elif mode == "backward":
             loss = opt.step(backward_closure)
         else:
@@ -105,6 +118,7 @@ def run_rank_one(
         traj,
         losses,
         safeguard_hits=int(opt.state.get("safeguard_hits", 0)),
+        skipped_steps=int(opt.state.get("skipped_steps", 0)),
         lambda_max=float(opt.state.get("lambda_max", float("nan"))),
     )
 
@@ -128,16 +142,23 @@ def run_fisher(prob: MLPProblem, *, seed: int, process_group=None, module: bool 
     return _record(prob, traj, losses)
 
 
-def run_neumann(prob: MLPProblem, *, seed: int) -> dict:
+def run_neumann(prob: MLPProblem, *, seed: int, inf_at: int | None = None) -> dict:
     """STEPS NeumannIHVP steps; the scale is estimated by power iteration every 2 steps (start
-    vector from the optimizer's generator, HVPs averaged across ranks)."""
+    vector from the optimizer's generator, HVPs averaged across ranks). ``inf_at``: the step at
+    which the loss closure returns ``+inf`` (finite gradient and HVPs)."""
     torch.manual_seed(seed)
     opt = NeumannIHVP(prob.params, lr=1.0, damping=0.5, num_terms=5, scale_refresh=2)
     traj, losses = [], []
-    for _ in range(STEPS):
-        losses.append(opt.step(prob.loss))
+    for k in range(STEPS):
+        losses.append(opt.step(_inf_loss(prob.loss) if k == inf_at else prob.loss))
         traj.append(prob.flat().clone())
-    return _record(prob, traj, losses, scale=float(opt.state["scale"]))
+    return _record(
+        prob,
+        traj,
+        losses,
+        scale=float(opt.state["scale"]),
+        skipped_steps=int(opt.state.get("skipped_steps", 0)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,6 +218,33 @@ def scenario_fisher(rank: int, world: int) -> dict:
     singletons = [dist.new_group([r]) for r in range(world)]
     own = run_fisher(make_problem(rank, world), seed=rank, process_group=singletons[rank])
     return {"union": union, "union_module": union_module, "own": own}
+
+
+def scenario_fisher_unequal_batches(rank: int, world: int) -> dict:
+    """FisherNewton with 10 rows on rank 0 and 6 on rank 1 (materialised and implicit rows):
+    ``all_gather`` needs equal shapes, and each rank's mean counts by its share of the batch."""
+    return {
+        "rows": run_fisher(make_problem(rank, world, UNEQUAL), seed=rank),
+        "module": run_fisher(make_problem(rank, world, UNEQUAL), seed=rank, module=True),
+    }
+
+
+def scenario_nonfinite_loss_on_one_rank(rank: int, world: int) -> dict:
+    """Only rank 1's loss is non-finite (``+inf`` at step INF_AT, gradient and HVPs finite):
+    the loss is averaged with the gradient, so every rank sees ``inf`` and skips the step."""
+    inf_at = INF_AT if rank == 1 else None
+    prob = make_problem(rank, world)
+    rank_one = run_rank_one(prob, "loss_closure", seed=rank, inf_at=inf_at)
+    return {
+        "rank_one": rank_one,
+        "neumann": run_neumann(make_problem(rank, world), seed=rank, inf_at=inf_at),
+    }
+
+
+def scenario_rank_one_generator_per_rank(rank: int, world: int) -> dict:
+    """``generator=Generator().manual_seed(100 + rank)``, a generator seeded per rank: the
+    optimizer broadcasts its state from rank 0 at the first step."""
+    return run_rank_one(make_problem(rank, world), "loss_closure", seed=rank, gen_seed=100 + rank)
 
 
 def scenario_failing_rank(rank: int, world: int) -> dict:

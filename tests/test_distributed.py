@@ -8,6 +8,9 @@ save their results to a temporary folder. The single-process references run here
 code on all 16 rows. Ranks are seeded differently (``torch.manual_seed(rank)``) so that only the
 optimizer's broadcast of its generator can make the random directions agree. Workers are killed
 at a deadline, so nothing hangs; a rank's failure is reported with its traceback.
+
+Regression scenarios: FisherNewton with unequal per-rank batches (10 and 6 rows), a loss that is
+non-finite on one rank only, and a ``generator=`` seeded differently on each rank.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_worker import make_problem, run_fisher, run_neumann, run_rank_one
+from _dist_worker import INF_AT, UNEQUAL, make_problem, run_fisher, run_neumann, run_rank_one
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -44,6 +47,9 @@ SCENARIOS = (  # run in this order by one pair of workers
     "ddp_fd",
     "process_group",
     "fisher",
+    "fisher_unequal_batches",
+    "nonfinite_loss_on_one_rank",
+    "rank_one_generator_per_rank",
     "failing_rank",  # last: rank 1 fails on purpose, which ends the process group
 )
 
@@ -388,6 +394,82 @@ def test_fisher_newton_process_group_is_honoured(ranks):
     for r, res in enumerate(ranks.results("fisher")):
         own = reference(run_fisher, rows_of=r, seed=r)
         assert_follows([res["own"]], own, TIGHT, f"rank {r}: FisherNewton in its own group")
+
+
+# ------------------------------------------------------------------------------------------------
+# regressions: unequal batches, a non-finite loss on one rank, a generator seeded per rank
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fisher_newton_unequal_batches_follow_union_batch_run(ranks):
+    """Rank 0 holds 10 rows, rank 1 the other 6: the rows are gathered despite their unequal
+    shapes (rank 0's, then rank 1's: the 16 rows in order) and each rank's mean gradient and
+    loss count by its share of the batch, so every step is the union-batch Fisher step and
+    ``step`` returns the union mean loss. Materialised and implicit (``module=``) rows."""
+    results = ranks.results("fisher_unequal_batches")
+    for key, ref in (
+        ("rows", reference(run_fisher, seed=0)),
+        ("module", reference(run_fisher, seed=0, module=True)),
+    ):
+        got = [res[key] for res in results]
+        assert_follows(got, ref, TIGHT, f"FisherNewton on {UNEQUAL} rows ({key})")
+        assert_ranks_agree(got)
+        assert_grad_is_union_gradient(got, ref, TIGHT)
+        for r, res in enumerate(got):
+            assert torch.allclose(res["losses"], ref["losses"], rtol=1e-12, atol=0), (
+                f"rank {r} ({key}): step() returned {res['losses'].tolist()}, the union-batch "
+                f"mean losses are {ref['losses'].tolist()}"
+            )
+    # the test can tell: the plain mean of the ranks' means is not the union mean here
+    losses = make_problem().per_sample_losses().detach()
+    plain = (losses[: UNEQUAL[0]].mean() + losses[UNEQUAL[0] :].mean()) / 2
+    assert abs(plain - losses.mean()) > 1e-6 * losses.mean()
+
+
+@pytest.mark.parametrize("optimizer", ["rank_one", "neumann"])
+def test_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(ranks, optimizer):
+    """Rank 1's loss is ``+inf`` at step ``INF_AT`` (its gradient and HVPs are finite), rank 0's
+    is not. The loss is averaged with the gradient, so both ranks see ``inf`` and skip that step
+    together, and every step returns the global (union-batch) loss on both ranks. Reference: the
+    single-process run whose loss is ``+inf`` at that step."""
+    results = [res[optimizer] for res in ranks.results("nonfinite_loss_on_one_rank")]
+    assert_seeded_differently(results)
+    if optimizer == "rank_one":
+        ref = reference(run_rank_one, "loss_closure", seed=0, inf_at=INF_AT)
+    else:
+        ref = reference(run_neumann, seed=0, inf_at=INF_AT)
+    assert ref["skipped_steps"] == 1 and torch.isposinf(ref["losses"][INF_AT])  # the reference
+    assert_ranks_agree(results)
+    assert_follows(results, ref, TIGHT, f"{optimizer} with a non-finite loss on rank 1")
+    finite = torch.arange(len(ref["losses"])) != INF_AT
+    for r, res in enumerate(results):
+        assert res["skipped_steps"] == 1, f"rank {r} skipped {res['skipped_steps']} steps, not 1"
+        traj = res["trajectory"]
+        assert torch.equal(traj[INF_AT], traj[INF_AT - 1]), f"rank {r} moved at step {INF_AT}"
+        assert torch.isposinf(res["losses"][INF_AT]), (
+            f"rank {r}: step {INF_AT} returned {res['losses'][INF_AT].item()}, not the global inf"
+        )
+        assert torch.allclose(res["losses"][finite], ref["losses"][finite], rtol=1e-12, atol=0), (
+            f"rank {r}: step() returned {res['losses'].tolist()}, the union-batch losses are "
+            f"{ref['losses'].tolist()}"
+        )
+    # the test can tell: a rank's own (half-batch) loss is not the union loss
+    own = [float(make_problem(r, WORLD).loss().detach()) for r in range(WORLD)]
+    assert all(abs(o - float(ref["losses"][0])) > 1e-6 for o in own), own
+
+
+def test_rank_one_generator_seeded_per_rank_is_broadcast_from_rank_0(ranks):
+    """``generator=Generator().manual_seed(100 + rank)``: the optimizer broadcasts the given
+    generator's state from rank 0 at the first step, so the directions agree and the run is the
+    single-process one with ``manual_seed(100)``."""
+    results = ranks.results("rank_one_generator_per_rank")
+    ref = reference(run_rank_one, "loss_closure", seed=0, gen_seed=100)
+    assert_follows(results, ref, TIGHT, "RankOneNewton (generator seeded per rank)")
+    assert_ranks_agree(results)
+    assert_grad_is_union_gradient(results, ref, TIGHT)
+    # the test can tell: rank 1's own generator gives another trajectory
+    own = reference(run_rank_one, "loss_closure", seed=0, gen_seed=101)
+    assert trajectory_error(own, ref).max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
