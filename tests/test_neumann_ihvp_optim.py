@@ -118,3 +118,29 @@ def test_nan_masking_resume_and_validation():
     ]:
         with pytest.raises(ValueError, match=match):
             NeumannIHVP(prob.params, **kwargs)
+
+
+def test_param_groups_and_lr_scheduler():
+    prob = MLPProblem()
+    H = prob.hessian(prob.x0)
+    lam = 0.5 - min(0.0, float(torch.linalg.eigvalsh(H)[0]))
+    s = 1.2 * float(torch.linalg.eigvalsh(H)[-1] + lam)
+    w1, b1, w2, b2 = prob.params
+    opt = NeumannIHVP(
+        [{"params": [w1, b1], "lr": 0.25}, {"params": [w2, b2]}],
+        lr=1.0,
+        damping=lam,
+        num_terms=5,
+        scale=s,
+    )
+    full, _ = _dense(prob, 5, s, lam, 1.0)
+    n1 = w1.numel() + b1.numel()
+    lrs = torch.cat([torch.full((n1,), 0.25, dtype=F64), torch.ones(len(full) - n1, dtype=F64)])
+    expected = prob.x0 + lrs * (full - prob.x0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: float(epoch == 0))  # then lr = 0
+    opt.step(prob.loss_closure())
+    assert (prob.flat() - expected).norm() / (expected - prob.x0).norm() < 1e-10
+    sched.step()
+    x1 = prob.flat().clone()
+    opt.step(prob.loss_closure())
+    assert torch.equal(prob.flat(), x1)
