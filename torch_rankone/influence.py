@@ -56,7 +56,8 @@ def influence(
             ``"neumann"`` or ``"lissa"`` (mini-batch HVPs of ``batch_size`` rows).
         params: names of the parameters to differentiate (default: all that require grad).
         batch_size: rows per chunk for Hessian-vector products and per-sample gradients.
-        progress: show a progress bar (tqdm) while scoring the training points.
+        progress: show a progress bar while scoring the training points (needs ``tqdm``,
+            installed with the ``examples`` extra; without it there is no bar).
         generator: random source for LiSSA's mini-batches.
         solver_options: passed to the solver — ``cg``: ``max_iters``, ``rtol``; ``neumann``:
             ``num_terms`` (default 100), ``scale``; ``lissa``: ``depth`` (default 1000),
@@ -100,9 +101,12 @@ def influence(
     scores = []
     chunks = range(0, train[0].shape[0], batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="scoring training points", unit="chunk")
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional (extra "examples"): no bar then
+            tqdm = None
+        if tqdm is not None:
+            chunks = tqdm(chunks, desc="scoring training points", unit="chunk")
     for i in chunks:
         chunk = (train[0][i : i + batch_size], train[1][i : i + batch_size])
         J = _rows(functional_per_sample_grads(sample_loss, named, *chunk), names)
