@@ -346,3 +346,41 @@ def test_lemma_on_small_logistic_regression():
         opt.step(lambda: f(x))
         best = min(best, float(torch.func.grad(f)(x.detach()).norm()))
     assert best <= eps and k <= K, (best, k, K)  # measured: k = 4, K = 51
+
+
+@pytest.mark.parametrize("split_lr", [False, True])
+def test_shared_lr_and_damping_take_the_fused_update(monkeypatch, split_lr):
+    """One ``lr`` and one ``c`` for all groups: one call of ``_ext.lowrank_solve_update`` (the
+    compiled op when built — then the unfused reference must not run); else the per-group path.
+    Both equal the dense formula."""
+    from torch_rankone import _ext
+
+    calls = []
+    fused = _ext.lowrank_solve_update
+    monkeypatch.setattr(_ext, "lowrank_solve_update", lambda *a: calls.append(1) or fused(*a))
+    if _ext.has_extension():
+
+        def forbidden(*args):
+            raise AssertionError("the unfused reference ran although the extension is built")
+
+        monkeypatch.setattr(_ext, "lowrank_solve_update_reference", forbidden)
+    prob = MLPProblem()
+    w1, b1, w2, b2 = prob.params
+    lr2 = 0.5 if split_lr else 0.7
+    opt = RankOneNewton(
+        [{"params": [w1, b1]}, {"params": [w2, b2], "lr": lr2}],
+        lr=0.7,
+        damping=0.4,
+        delta=0.1,
+        safeguard=False,
+        generator=torch.Generator().manual_seed(5),
+    )
+    x, n, n1 = prob.x0, prob.x0.numel(), w1.numel() + b1.numel()
+    u = same_direction(prob.params, 5)
+    h = prob.hessian(x) @ u
+    S = (n / 2) * (torch.outer(h, u) + torch.outer(u, h))
+    lrs = torch.cat([torch.full((n1,), 0.7, dtype=F64), torch.full((n - n1,), lr2, dtype=F64)])
+    expected = x - lrs * torch.linalg.solve(S + 0.5 * torch.eye(n, dtype=F64), prob.grad(x))
+    opt.step(prob.loss_closure())
+    assert len(calls) == (0 if split_lr else 1)
+    assert (prob.flat() - expected).norm() / (expected - x).norm() < 1e-8

@@ -1,23 +1,37 @@
 """The one place kernels are dispatched from: compiled ``torch_rankone._C`` ops or references.
 
 Every kernel of SPEC §5 has a pure-PyTorch reference here with the same semantics. Callers
-(``linalg``, the optimizers, NewtonLearn) use only the functions of this module, so the compiled
-extension, when it lands, replaces the references in one place.
+(``linalg``, the optimizers, NewtonLearn) use only the functions of this module, so whether the
+compiled extension is in use is decided here and nowhere else.
 
 Low-rank solve (SPEC §3, §5.1). For ``k`` vectors ``U = [u_1..u_k]`` (each a list of
-parameter-shaped tensors), a symmetric ``k×k`` matrix ``C`` and a scalar ``c``,
+parameter-shaped tensors), a ``k×k`` matrix ``C`` and a scalar ``c``,
 
     y = (c·I + U C Uᵀ)⁻¹ g = (g − U a) / c,   a = (c·I_k + C G)⁻¹ C b,
     G = UᵀU,  b = Uᵀg.
 
 This is Woodbury's identity with ``(C⁻¹ + G/c)⁻¹ = c (c·I + C G)⁻¹ C``, which needs no inverse of
 ``C``; by Sylvester's determinant identity ``c·I_k + C G`` is singular exactly when the ``N×N``
-operator is. The ``k×k`` algebra is done in float64 whatever the input dtype.
+operator is. The ``k×k`` algebra is done in float64 whatever the input dtype. A singular or
+non-finite ``k×k`` system gives ``a = NaN`` (never garbage finite numbers), so ``y`` is non-finite;
+the in-place update then leaves the parameters untouched and reports it (on device, no sync).
+
+Gathered outer products (SPEC §5.2): ``H += Σ_t coef_t · A[idx_t] A[idx_t]ᵀ``.
+
+Compiled ops (``csrc/``, registered as ``torch.ops.torch_rankone.*``): ``lowrank_solve``,
+``lowrank_solve_update`` (both passes fused: one reduction pass over all tensors for ``G`` and
+``b``, the ``k×k`` solve, one update pass) and ``gathered_outer_accumulate``. They are used for
+float32/float64 tensors on one CPU or CUDA device, ``1 ≤ k ≤ 8``, when no input needs a gradient
+(under grad mode); everything else goes to the references. ``TORCH_RANKONE_DISABLE_EXT=1``
+forces the references.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -30,17 +44,82 @@ __all__ = [
     "lowrank_coefficients",
     "lowrank_solve",
     "lowrank_solve_update",
+    "gathered_outer_accumulate",
 ]
+
+MAX_RANK = 8  # largest k the compiled lowrank ops take (csrc/common.h: kMaxRank)
+_OP_DTYPES = (torch.float32, torch.float64)
+
+
+def _load_extension():
+    """Import ``torch_rankone._C`` (registering the ops), or warn once and return ``None``."""
+    if os.environ.get("TORCH_RANKONE_DISABLE_EXT") == "1":
+        return None
+    try:
+        from . import _C
+    except ImportError as exc:
+        warnings.warn(
+            f"torch_rankone: the compiled kernels (torch_rankone._C) could not be loaded ({exc}); "
+            "using the slower pure-PyTorch references. Build them against the installed torch "
+            "with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA), "
+            "or set TORCH_RANKONE_DISABLE_EXT=1 to use the references without this warning.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+    return _C
+
+
+_C = _load_extension()
+
+if _C is not None:
+    # Shapes for tracing (torch.compile, FakeTensor): the ops have no other outputs.
+    @torch.library.register_fake("torch_rankone::lowrank_solve")
+    def _(g, U, C, c):
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g]
+
+    @torch.library.register_fake("torch_rankone::lowrank_solve_update")
+    def _(params, g, U, C, c, lr):
+        device = params[0].device if params else torch.device("cpu")
+        return torch.empty((), dtype=torch.bool, device=device)
+
+    @torch.library.register_fake("torch_rankone::gathered_outer_accumulate")
+    def _(H, A, idx, coef):
+        return None
 
 
 def has_extension() -> bool:
     """Whether the compiled ``torch_rankone._C`` kernels are in use (else the references)."""
-    return False
+    return _C is not None
 
 
-def lowrank_gram(
-    g: Sequence[Tensor], U: Sequence[Sequence[Tensor]]
-) -> tuple[Tensor, Tensor]:
+def _use_op(tensors: Iterable[Tensor]) -> bool:
+    """The compiled ops apply: one float32/float64 dtype, one device they were built for, and no
+    input that autograd would track (the ops refuse those, not being differentiable)."""
+    if _C is None:
+        return False
+    keys = {(t.dtype, t.device, t.requires_grad) for t in tensors}
+    if not keys or len({key[:2] for key in keys}) != 1:
+        return False
+    dtype, device, _ = next(iter(keys))
+    if torch.is_grad_enabled() and any(key[2] for key in keys):
+        return False
+    built_for = device.type == "cpu" or (device.type == "cuda" and bool(_C.with_cuda))
+    return dtype in _OP_DTYPES and built_for
+
+
+def _scalar(x: float | Tensor) -> Tensor:
+    """``c`` or ``lr`` as the 0-d tensor the ops take. A tensor is passed as it is: on the CPU the
+    op reads it on the host, on the device the kernels read it (no host synchronisation)."""
+    return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Low-rank solve
+# --------------------------------------------------------------------------------------------
+
+
+def lowrank_gram(g: Sequence[Tensor], U: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
     """``(G, b) = (UᵀU, Uᵀg)`` accumulated in float64 (pass 1 of the fused kernel)."""
     G = gram(U, dtype=torch.float64)
     b = torch.stack([dot(u, g, dtype=torch.float64) for u in U])
@@ -48,26 +127,75 @@ def lowrank_gram(
 
 
 def lowrank_coefficients(G: Tensor, b: Tensor, C: Tensor, c: float | Tensor) -> Tensor:
-    """``a = (c·I + C G)⁻¹ C b`` in float64 (the ``k×k`` step between the two passes)."""
-    C64 = C.to(device=G.device, dtype=torch.float64)
+    """``a = (c·I + C G)⁻¹ C b`` in float64 (the ``k×k`` step between the two passes).
+
+    NaN everywhere when the system is singular or any input is non-finite; no host sync.
+    """
+    C64 = torch.as_tensor(C, dtype=torch.float64).to(G.device)
     c64 = torch.as_tensor(c, dtype=torch.float64, device=G.device)
-    eye = torch.eye(G.shape[0], dtype=torch.float64, device=G.device)
-    return torch.linalg.solve(c64 * eye + C64 @ G, C64 @ b)
+    M = c64 * torch.eye(G.shape[0], dtype=torch.float64, device=G.device) + C64 @ G
+    rhs = C64 @ b
+    a, info = torch.linalg.solve_ex(M, rhs)
+    ok = (info == 0) & torch.isfinite(M).all() & torch.isfinite(rhs).all() & torch.isfinite(a).all()
+    return torch.where(ok, a, torch.nan)
 
 
 def _apply(g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], a: Tensor, c) -> TensorList:
     """``y = (g − U a) / c`` (pass 2)."""
     y = torch._foreach_sub(list(g), combine(a, U))
-    # dtype given directly: as_tensor(0.7) would round through float32 first
+    # dtype given up front: as_tensor(0.7) alone would round c to float32 first
     return torch._foreach_div(y, torch.as_tensor(c, dtype=g[0].dtype, device=g[0].device))
+
+
+def lowrank_solve_reference(
+    g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], C: Tensor, c: float | Tensor
+) -> TensorList:
+    """Unfused PyTorch ``y = (c·I + U C Uᵀ)⁻¹ g``: Gram, ``k×k`` solve, combination."""
+    G, b = lowrank_gram(g, U)
+    return _apply(g, U, lowrank_coefficients(G, b, C, c), c)
+
+
+def lowrank_solve_update_reference(
+    params: Sequence[Tensor],
+    g: Sequence[Tensor],
+    U: Sequence[Sequence[Tensor]],
+    C: Tensor,
+    c: float | Tensor,
+    lr: float | Tensor,
+) -> Tensor:
+    """Unfused PyTorch ``p ← p − lr · (c·I + U C Uᵀ)⁻¹ g`` where the solve succeeded.
+
+    Returns ``applied``: a 0-d bool tensor, False (and ``params`` untouched) when the ``k×k``
+    system failed or ``lr/c`` is not finite. ``torch.where``, not a multiplication by 0, which
+    would let NaN through.
+    """
+    G, b = lowrank_gram(g, U)
+    a = lowrank_coefficients(G, b, C, c)
+    device = params[0].device if params else a.device
+    scale = torch.as_tensor(lr, dtype=torch.float64, device=device) / torch.as_tensor(
+        c, dtype=torch.float64, device=device
+    )
+    applied = torch.isfinite(a).all().to(device) & torch.isfinite(scale)
+    if params:
+        y = _apply(g, U, a, c)
+        lr_t = torch.as_tensor(lr, dtype=params[0].dtype, device=device)
+        for p, yp in zip(params, y):
+            p.sub_(torch.where(applied, yp * lr_t, 0.0))
+    return applied
 
 
 def lowrank_solve(
     g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], C: Tensor, c: float | Tensor
 ) -> TensorList:
-    """``y = (c·I + U C Uᵀ)⁻¹ g`` without checks or host synchronisation."""
-    G, b = lowrank_gram(g, U)
-    return _apply(g, U, lowrank_coefficients(G, b, C, c), c)
+    """``y = (c·I + U C Uᵀ)⁻¹ g`` without checks or host synchronisation.
+
+    The compiled op when it applies (see the module docstring), else the reference.
+    """
+    if _use_op(chain(g, *U)) and 1 <= len(U) <= MAX_RANK:
+        flat_u = [t for u in U for t in u]
+        C = torch.as_tensor(C, dtype=torch.float64)
+        return list(torch.ops.torch_rankone.lowrank_solve(list(g), flat_u, C, _scalar(c)))
+    return lowrank_solve_reference(g, U, C, c)
 
 
 def lowrank_solve_update(
@@ -77,8 +205,47 @@ def lowrank_solve_update(
     C: Tensor,
     c: float | Tensor,
     lr: float | Tensor,
-) -> None:
-    """In place: ``p ← p − lr · (c·I + U C Uᵀ)⁻¹ g``."""
-    y = lowrank_solve(g, U, C, c)
-    lr = torch.as_tensor(lr, device=params[0].device, dtype=params[0].dtype)
-    torch._foreach_sub_(list(params), torch._foreach_mul(y, lr))
+) -> Tensor:
+    """In place: ``p ← p − lr · (c·I + U C Uᵀ)⁻¹ g``, fused when the compiled op applies.
+
+    The update happens only where it is finite: when the ``k×k`` system is singular, an input is
+    non-finite or ``lr/c`` is not finite (pass ``lr = NaN`` to veto a step), ``params`` stay as
+    they were. Returns that outcome as a 0-d bool tensor on the parameters' device, no sync.
+    """
+    if _use_op(chain(params, g, *U)) and 1 <= len(U) <= MAX_RANK:
+        flat_u = [t for u in U for t in u]
+        C = torch.as_tensor(C, dtype=torch.float64)
+        return torch.ops.torch_rankone.lowrank_solve_update(
+            list(params), list(g), flat_u, C, _scalar(c), _scalar(lr)
+        )
+    return lowrank_solve_update_reference(params, g, U, C, c, lr)
+
+
+# --------------------------------------------------------------------------------------------
+# Gathered outer products
+# --------------------------------------------------------------------------------------------
+
+
+def gathered_outer_accumulate_reference(H: Tensor, A: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
+    """``H += (A[idx]ᵀ · coef) A[idx]`` with ``index_select`` and ``addmm_``."""
+    rows = A.index_select(0, idx)
+    return H.addmm_(rows.T * coef, rows)
+
+
+def gathered_outer_accumulate(
+    H: Tensor, A: Tensor, idx: Tensor | Sequence[int], coef: Tensor | Sequence[float] | float
+) -> Tensor:
+    """In place: ``H += Σ_t coef_t · A[idx_t] A[idx_t]ᵀ``; returns ``H``.
+
+    ``H`` is ``d×d``, ``A`` is ``n×d``, ``idx`` holds row indices into ``A`` (repeats add up; an
+    empty ``idx`` changes nothing) and ``coef`` one weight per index, or one for all. The compiled
+    op never builds ``A[idx]`` and exploits the update's symmetry; it needs a contiguous ``H``.
+    """
+    idx = torch.as_tensor(idx, dtype=torch.long, device=H.device)
+    coef = torch.as_tensor(coef, dtype=H.dtype, device=H.device)
+    if coef.dim() == 0:
+        coef = coef.expand(idx.shape)
+    if _use_op((H, A, coef)) and H.is_contiguous():
+        torch.ops.torch_rankone.gathered_outer_accumulate(H, A, idx, coef)
+        return H
+    return gathered_outer_accumulate_reference(H, A, idx, coef)

@@ -338,8 +338,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             lr = torch.as_tensor(group["lr"], dtype=g_params[0].dtype, device=g_params[0].device)
             for p, yp in zip(g_params, y):
                 p.sub_(torch.where(ok, yp * lr, 0.0))
-        self._counter("step", groups_first(groups)).add_(ok.to(torch.int64))
-        self._counter("skipped_steps", groups_first(groups)).add_((~ok).to(torch.int64))
+        self._count_step(ok, groups_first(groups))
+
+    def _count_step(self, ok: Tensor, like: Tensor) -> None:
+        """``state["step"] += ok``, ``state["skipped_steps"] += not ok`` (on device)."""
+        self._counter("step", like).add_(ok.to(torch.int64))
+        self._counter("skipped_steps", like).add_((~ok).to(torch.int64))
+
+    def _shared_lr(self, groups: list[list[Tensor]]) -> float | Tensor | None:
+        """The ``lr`` every non-empty group uses, or ``None`` when they differ (a tensor ``lr``
+        counts as shared only if it is the same object: comparing values would sync)."""
+        lrs = [group["lr"] for group, ps in zip(self.param_groups, groups) if ps]
+        first = lrs[0]
+        same = all(lr is first or (not isinstance(lr, Tensor) and lr == first) for lr in lrs)
+        return first if len(lrs) == 1 or (same and not isinstance(first, Tensor)) else None
 
     @staticmethod
     def _detach_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:

@@ -6,7 +6,9 @@ one HVP ``h = H u`` and forms
     S = (N/2) (h uᵀ + u hᵀ),   D = S + δI,   x ← x − lr · (D + αI)⁻¹ ∇f(x).
 
 ``E[N H u uᵀ] = H`` (unbiased before symmetrising). ``(D + αI)⁻¹`` is a rank-2 Woodbury solve with
-``U = [h, u]``, ``C = (N/2)[[0, 1], [1, 0]]``, ``c = δ + α``: two passes over the parameters.
+``U = [h, u]``, ``C = (N/2)[[0, 1], [1, 0]]``, ``c = δ + α``: two passes over the parameters,
+fused with the update into one kernel (``_ext.lowrank_solve_update``) when all groups share ``lr``
+and ``c``.
 
 Reference: A. Semenov, "Rank-one approximation of the Hessian", MLO group meeting, 2025.
 """
@@ -194,10 +196,19 @@ class RankOneNewton(SecondOrderOptimizer):
             shifted = {id(c): c + shift for c in c_groups}  # keeps shared values shared
             c_groups = [shifted[id(c)] for c in c_groups]
             self._counter("safeguard_hits", params[0]).add_((shift > 0).to(torch.int64))
-        c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
-        y, solved = rank_one_newton_direction(g, h, u, c_tensors)
-        ok = solved & all_finite(loss, torch.stack(c_groups))
-        self._apply_masked(groups, split_groups(y, groups), ok)
+        finite = all_finite(loss, torch.stack(c_groups))
+        lr = self._shared_lr(groups)
+        if lr is not None and all(c is c_groups[0] for c in c_groups):
+            # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
+            # lr = NaN vetoes the step on device when the loss or c is not finite.
+            lr = torch.where(finite, torch.as_tensor(lr, dtype=torch.float64), torch.nan)
+            C = (n / 2) * torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+            ok = _ext.lowrank_solve_update(params, g, [h, u], C, c_groups[0], lr.to(g[0].device))
+            self._count_step(ok, params[0])
+        else:
+            c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
+            y, solved = rank_one_newton_direction(g, h, u, c_tensors)
+            self._apply_masked(groups, split_groups(y, groups), solved & finite)
         self.state["damping"] = c_groups[0].detach()
         self._detach_grads(params, g)
         return loss
