@@ -125,7 +125,7 @@ def test_lowrank_solve_update_matches_reference(device, dtype, k, isa):
 @needs_ext
 def test_rank_one_newton_system():
     """RankOneNewton's indefinite-looking C = (N/2)[[0,1],[1,0]] with U = [h, u] (SPEC §4.1)."""
-    n = 5000
+    n = 1500
     u = torch.randn(n, dtype=F64)
     u /= u.norm()
     h = torch.randn(n, dtype=F64) * 1e-3
@@ -559,3 +559,26 @@ def test_cuda_sources_compile_with_nvcc(source, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "out.o").stat().st_size > 0
+
+
+def test_setup_builds_cpp_only_without_cuda_and_adds_cuda_sources_with_it(monkeypatch):
+    """setup.py: a CppExtension of the .cpp files on CPU-only torch (here, CI); the .cu files
+    and the CUDA define join when torch has CUDA and nvcc is found; none with BUILD_EXT=0."""
+    from torch.utils import cpp_extension
+
+    setup = _load_setup()
+    assert setup["CXX_SOURCES"] and setup["CUDA_SOURCES"]
+    monkeypatch.setattr(torch.version, "cuda", None)
+    [ext], cmdclass = setup["_extensions"]()
+    assert ext.name == "torch_rankone._C" and "build_ext" in cmdclass
+    assert sorted(ext.sources) == setup["CXX_SOURCES"]
+    assert not any(s.endswith(".cu") for s in ext.sources)
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    [ext], _ = setup["_extensions"]()
+    assert set(setup["CUDA_SOURCES"]) <= set(ext.sources)
+    assert ("TORCH_RANKONE_WITH_CUDA", None) in ext.define_macros
+
+    monkeypatch.setenv("TORCH_RANKONE_BUILD_EXT", "0")
+    assert setup["_extensions"]() == ([], {})
