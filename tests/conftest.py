@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays a fixed set of examples (a red CI run must be reproducible); local runs keep
+# exploring new ones, and the local example database replays any failure found.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SHARED_LIBSVM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "libsvm"
 

@@ -61,9 +61,12 @@ def test_lowrank_solve_correct_or_clear_error(
     n = Ud.shape[0]
     M = c * torch.eye(n, dtype=F64) + Ud @ C @ Ud.T
     eig = torch.linalg.eigvalsh(M)
-    # Woodbury divides by c, so its conditioning is max|λ| / min(|λ|, |c|)
+    # Woodbury divides by c, so its conditioning is over the eigenvalues and c together: for
+    # N ≤ k, c is no eigenvalue and may be the largest (|λ| ≪ |c|: a = (cI + C G)⁻¹ C b is then
+    # as ill-conditioned as |c|/|λ|)
     smallest = min(float(eig.abs().min()), abs(c))
-    kappa = float(eig.abs().max()) / smallest if smallest > 0 else math.inf
+    largest = max(float(eig.abs().max()), abs(c))
+    kappa = largest / smallest if smallest > 0 else math.inf
     eps = torch.finfo(dtype).eps
     try:
         y = lowrank_solve(c, U, C, g, require_pd=require_pd)
