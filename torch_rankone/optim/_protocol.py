@@ -222,6 +222,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     #: hyper-parameters a param group may override; the rest must agree across groups
     _per_group: tuple[str, ...] = ("lr",)
+    #: GradScaler then hands the step to us (setting ``grad_scale``) instead of unscaling ``.grad``
+    #: and stepping behind our back; :meth:`_begin_step` refuses it with a clear message.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -251,7 +254,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     # ---- parameters and global state ---------------------------------------------------------
 
-    def _group_params(self) -> list[list[Tensor]]:
+    def _begin_step(self) -> list[list[Tensor]]:
+        """The trainable parameters per group, after refusing a loss scaler (SPEC §4)."""
+        if (
+            getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be stepped by a GradScaler (float16 mixed "
+                "precision): the scaler passes no closure, and its scale would multiply the "
+                "curvature (HVPs, per-sample gradients) while only .grad is unscaled, so the "
+                "step would be silently wrong. Use bfloat16 autocast (no scaler) or float32."
+            )
         return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
 
     def _next_call(self) -> int:

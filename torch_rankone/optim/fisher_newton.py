@@ -271,13 +271,13 @@ class FisherNewton(SecondOrderOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:
         """One FisherNewton step; returns the mean of the closure's per-sample losses."""
+        groups = self._begin_step()
         if closure is None:
             raise CurvatureError(
                 "FisherNewton needs per-sample losses: opt.step(closure) with a closure that "
                 "returns the 1-D tensor of per-sample losses (reduction='none') without calling "
                 "backward()."
             )
-        groups = self._group_params()
         params = [p for ps in groups for p in ps]
         defaults = self.param_groups[0]
         self._sync_generator()

@@ -93,7 +93,7 @@ class NeumannIHVP(SecondOrderOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """One NeumannIHVP step (``num_terms`` HVPs); returns the loss."""
-        groups = self._group_params()
+        groups = self._begin_step()
         params = [p for ps in groups for p in ps]
         if not params:
             return None

@@ -170,7 +170,7 @@ class RankOneNewton(SecondOrderOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """One RankOneNewton step; returns the loss (``None`` for graph gradients)."""
-        groups = self._group_params()
+        groups = self._begin_step()
         params = [p for ps in groups for p in ps]
         if not params:
             return None

@@ -1,0 +1,35 @@
+"""The common optimizer protocol (SPEC §4) where it is the same for every optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
+
+
+@pytest.mark.parametrize("cls", [RankOneNewton, FisherNewton, NeumannIHVP])
+def test_grad_scaler_is_refused_clearly_and_changes_nothing(cls):
+    """float16 mixed precision's GradScaler would scale the curvature but unscale only .grad:
+    the step is refused before anything is touched (parameters and optimizer state)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = cls(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be stepped by a GradScaler.*bfloat16"):
+        scaler.step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert "step" not in opt.state
+    # without a scaler the same optimizer steps normally
+    del opt.grad_scale, opt.found_inf  # left behind by the refused scaler.step
+    opt.zero_grad()
+    if cls is FisherNewton:
+        opt.step(lambda: ((model(x) - y) ** 2).mean(dim=1))
+    else:
+        torch.nn.functional.mse_loss(model(x), y).backward(create_graph=True)
+        opt.step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
