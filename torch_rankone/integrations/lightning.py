@@ -1,0 +1,179 @@
+"""Lightning integration: :class:`SecondOrderCallback` (SPEC §6).
+
+Under automatic optimization Lightning hands ``optimizer.step`` a closure that runs
+``training_step``, ``zero_grad`` and ``backward()`` and returns a *detached* loss. What the
+callback adds to that depends on the optimizer ``configure_optimizers`` returned:
+
+* ``RankOneNewton`` / ``NeumannIHVP`` with ``hvp="auto"`` or ``"exact"``: the module's ``backward``
+  is made to call ``loss.backward(create_graph=True)``, so the gradients carry their graph and the
+  optimizer takes exact Hessian-vector products by double backward (SPEC §4, source 1);
+* the same with ``hvp="fd"``: nothing changes; the optimizer re-runs Lightning's closure at
+  shifted parameters for finite-difference HVPs (source 3). Each extra call re-runs the
+  ``training_step``, the hooks and gradient clipping;
+* ``FisherNewton`` (per-sample losses, source 2): ``training_step`` returns the **unreduced**
+  per-sample losses (``reduction="none"``); the module's ``backward`` keeps them instead of
+  back-propagating, and the closure FisherNewton receives returns them.
+
+It refuses, with a message, what cannot work: fp16 loss scaling (``precision="16-mixed"``:
+Lightning then calls ``scaler.step(optimizer)`` without a closure and the gradients are scaled)
+and FisherNewton with ``accumulate_grad_batches > 1`` (accumulation batches run the closure
+outside ``step``, so their per-sample losses would be lost).
+
+After every optimizer step it logs, through the module's logger, ``damping``,
+``safeguard_hits``, ``skipped_steps``, ``neumann_fallbacks``, ``scale``, ``lambda_max`` and
+``bits_sent`` where the optimizer keeps them in its state, and ``step_norm`` — the norm of the
+parameter change, measured around the step since no optimizer exposes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "torch_rankone.integrations.lightning needs Lightning: pip install torch_rankone[lightning]"
+    ) from exc
+
+from ..optim import FisherNewton, SecondOrderOptimizer
+
+__all__ = ["SecondOrderCallback", "DIAGNOSTICS"]
+
+#: optimizer-state entries logged when present (counters are cumulative)
+DIAGNOSTICS = (
+    "damping",
+    "safeguard_hits",
+    "skipped_steps",
+    "neumann_fallbacks",
+    "scale",
+    "lambda_max",
+    "bits_sent",
+)
+
+
+class SecondOrderCallback(pl.Callback):
+    """Gives a torch_rankone optimizer its curvature source in a ``lightning.Trainer`` and logs
+    its diagnostics (see the module docstring for the conventions).
+
+    Args:
+        prefix: prefix of the logged metric names (``"second_order/damping"``, ...).
+        log_step_norm: measure ``‖x_after − x_before‖`` around each step (one copy of the
+            parameters per step) and log it as ``step_norm``.
+    """
+
+    def __init__(self, prefix: str = "second_order/", log_step_norm: bool = True) -> None:
+        self.prefix = prefix
+        self.log_step_norm = log_step_norm
+        self._mode: str | None = None  # "graph" | "fd" | "per_sample", fixed at fit start
+        self._per_sample: Tensor | None = None
+        self._before: list[Tensor] | None = None
+        self._steps = 0
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        plugin = trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+            raise RuntimeError(
+                "SecondOrderCallback: fp16 loss scaling (precision='16-mixed') is not supported: "
+                "Lightning then calls scaler.step(optimizer) without a closure, with gradients "
+                "(and any graph on them) multiplied by the loss scale. Use precision='bf16-mixed' "
+                "(no scaler), '32-true' or '64-true'."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Choose the curvature source from the optimizer and wire the module accordingly
+        (the optimizers exist from here on; they do not in ``setup``)."""
+        if not pl_module.automatic_optimization:
+            self._mode = "manual"  # the module calls opt.step(closure) itself: only log
+            return
+        if len(trainer.optimizers) != 1 or not isinstance(
+            trainer.optimizers[0], SecondOrderOptimizer
+        ):
+            names = [type(o).__name__ for o in trainer.optimizers]
+            raise TypeError(
+                "SecondOrderCallback expects configure_optimizers to return exactly one "
+                f"torch_rankone optimizer, got {names}"
+            )
+        opt = trainer.optimizers[0]
+        if isinstance(opt, FisherNewton):
+            if trainer.accumulate_grad_batches != 1:
+                raise RuntimeError(
+                    "SecondOrderCallback: FisherNewton needs accumulate_grad_batches=1 (Lightning "
+                    "runs accumulation batches outside optimizer.step, so their per-sample "
+                    "losses cannot reach the optimizer); use a larger batch instead."
+                )
+            self._mode = "per_sample"
+        else:
+            self._mode = "fd" if getattr(opt, "hvp_mode", "auto") == "fd" else "graph"
+        if self._mode != "fd":
+            # instance attributes shadow the class's hooks for this fit only (undone at the end)
+            pl_module.backward = self._wrap_backward(pl_module.backward)
+        if self._mode == "per_sample":
+            pl_module.optimizer_step = self._wrap_optimizer_step(pl_module.optimizer_step)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for hook in ("backward", "optimizer_step"):
+            pl_module.__dict__.pop(hook, None)  # back to the class's methods
+        self._per_sample = self._before = None
+
+    def _wrap_backward(self, backward: Callable[..., None]) -> Callable[..., None]:
+        def graph_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+            # keep the graph on .grad: the optimizer differentiates the gradient once more
+            backward(loss, *args, create_graph=True, **kwargs)
+
+        def keep_per_sample(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+            if loss.dim() != 1:
+                raise RuntimeError(
+                    "SecondOrderCallback with FisherNewton: training_step must return the 1-D "
+                    "tensor of per-sample losses (reduction='none'), got shape "
+                    f"{tuple(loss.shape)}"
+                )
+            self._per_sample = loss  # FisherNewton differentiates the rows itself
+
+        return keep_per_sample if self._mode == "per_sample" else graph_backward
+
+    def _wrap_optimizer_step(self, optimizer_step: Callable[..., None]) -> Callable[..., None]:
+        def step_with_per_sample_losses(epoch, batch_idx, optimizer, optimizer_closure=None):
+            def closure() -> Tensor:
+                optimizer_closure()  # training_step, hooks, and the backward kept the losses
+                losses, self._per_sample = self._per_sample, None
+                return losses
+
+            optimizer_step(epoch, batch_idx, optimizer, closure)
+
+        return step_with_per_sample_losses
+
+    # ---- diagnostics -----------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self._steps = trainer.global_step
+        if self.log_step_norm:
+            self._before = [p.detach().clone() for p in _params(trainer.optimizers[0])]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx) -> None:
+        if trainer.global_step == self._steps:
+            return  # an accumulation batch: no optimizer step to report
+        opt = trainer.optimizers[0]
+        metrics = {
+            self.prefix + key: opt.state[key].detach().float()
+            for key in DIAGNOSTICS
+            if isinstance(opt.state.get(key), Tensor)
+        }
+        if self._before is not None:
+            diffs = torch._foreach_sub([p.detach() for p in _params(opt)], self._before)
+            metrics[self.prefix + "step_norm"] = torch.linalg.vector_norm(
+                torch.stack(torch._foreach_norm(diffs))
+            ).float()
+            self._before = None
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+def _params(opt: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
