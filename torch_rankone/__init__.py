@@ -5,9 +5,9 @@ eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HV
 inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
 """
 
-from . import curvature, data, influence, linalg, optim
+from . import curvature, data, distributed, influence, linalg, optim
 from ._ext import has_extension
-from .optim import FisherNewton, NeumannIHVP, RankOneNewton
+from .optim import FisherNewton, NeumannIHVP, NewtonLearn, RankOneNewton
 
 __version__ = "0.1.0"
 
@@ -17,9 +17,11 @@ __all__ = [
     "data",
     "influence",
     "optim",
+    "distributed",
     "RankOneNewton",
     "FisherNewton",
     "NeumannIHVP",
+    "NewtonLearn",
     "has_extension",
     "__version__",
 ]

@@ -11,6 +11,14 @@ Curvature sources for ``step(closure=None)`` (``hvp="auto" | "exact" | "fd"``), 
 from ._protocol import CurvatureError, SecondOrderOptimizer
 from .fisher_newton import FisherNewton
 from .neumann_ihvp import NeumannIHVP
+from .newton_learn import NewtonLearn
 from .rank_one_newton import RankOneNewton
 
-__all__ = ["CurvatureError", "SecondOrderOptimizer", "RankOneNewton", "FisherNewton", "NeumannIHVP"]
+__all__ = [
+    "CurvatureError",
+    "SecondOrderOptimizer",
+    "RankOneNewton",
+    "FisherNewton",
+    "NeumannIHVP",
+    "NewtonLearn",
+]
