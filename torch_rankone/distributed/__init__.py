@@ -1,7 +1,8 @@
-"""Distributed NewtonLearn support (SPEC §4.4, seed 002): compressors, communication accounting
-and the parameter-server protocol over simulated nodes or ``torch.distributed``."""
+"""Distributed NewtonLearn support (SPEC §4.4, seed 002): compressors, communication accounting,
+the parameter-server protocol over simulated nodes or ``torch.distributed``, and the paper's
+baselines (Newton, DCGD, DIANA, ADIANA, BFGS, DINGO) with the same accounting."""
 
-from . import accounting, compressors, protocol
+from . import accounting, baselines, compressors, protocol
 from .compressors import (
     Bernoulli,
     Compressor,
@@ -15,6 +16,7 @@ from .protocol import ProtocolError
 
 __all__ = [
     "accounting",
+    "baselines",
     "compressors",
     "protocol",
     "Compressor",

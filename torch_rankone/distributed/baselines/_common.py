@@ -1,0 +1,244 @@
+"""What every baseline shares: the GLM split over simulated nodes, and the optimizer shell.
+
+The problem is NewtonLearn's (SPEC §4.4, seed 002 eq. (1)): ``n`` nodes with ``m`` rows each,
+
+    P(x) = (1/n) Σ_i P_i(x),   P_i(x) = f_i(x) + (λ/2)‖x‖²,   f_i(x) = (1/m) Σ_j φ(a_ijᵀx, b_ij).
+
+The baselines' theory (DCGD, DIANA, ADIANA, DINGO) is stated for ``min (1/n) Σ_i P_i``, so node
+``i`` owns the regulariser too: its gradient message is ``∇P_i(x) = ∇f_i(x) + λx`` and its local
+Hessian ``∇²P_i(x) = (1/m) Σ_j φ''(a_ijᵀx) a_ij a_ijᵀ + λI``. ``φ``, ``φ'``, ``φ''`` and the sparse
+products are NewtonLearn's (:func:`~torch_rankone.optim.newton_learn.glm_loss`, its ``_Shard``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...optim.newton_learn import _Shard, glm_loss
+from .. import accounting as acc
+from ..compressors import Compressor, RandomDithering
+
+__all__ = ["GLMNodes", "GLMBaseline", "paper_message_bits", "smoothness"]
+
+
+class GLMNodes:
+    """``features``/``targets`` split into ``n`` equal shards of ``m`` consecutive rows, with the
+    per-node quantities every baseline needs, vectorised over nodes (no loop over nodes).
+
+    Per-node gradient sums are one sparse product over the nonzeros of ``A``, ``O(nnz)`` like
+    NewtonLearn's sparse products; per-node Hessians are one batched ``(n, m, d)`` product.
+    """
+
+    def __init__(self, features: Tensor, targets: Tensor, num_nodes: int, loss: Any) -> None:
+        rows, d = features.shape
+        self.n, self.m, self.d = num_nodes, rows // num_nodes, d
+        self.A, self.b = features.contiguous(), targets
+        self.loss = glm_loss(loss)
+        self.shard = _Shard(self.A)
+        # the block matrix S with S[i·d + k, (i, j)] = a_ijk, so that every node's gradient sum
+        # Σ_j w_ij a_ij is one sparse product S w (O(nnz), no loop over nodes)
+        coo = self.A.to_sparse_coo().coalesce()
+        row, col = coo.indices()
+        key = torch.div(row, self.m, rounding_mode="floor") * d + col
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self._blocks = torch.sparse_coo_tensor(
+                torch.stack([key, row]), coo.values(), (self.n * d, rows)
+            ).to_sparse_csr()
+
+    def node_rows(self) -> Tensor:
+        """The features as ``(n, m, d)``: node ``i``'s rows ``a_ij`` in ``[i]``."""
+        return self.A.view(self.n, self.m, self.d)
+
+    def margins(self, x: Tensor) -> Tensor:
+        """``t_ij = a_ijᵀx`` for all rows, shape ``(n·m,)``."""
+        return self.shard.mv(x)
+
+    def value(self, x: Tensor, t: Tensor | None = None, lam: float = 0.0) -> Tensor:
+        """``P(x) = mean_ij φ(t_ij, b_ij) + (λ/2)‖x‖²`` (0-d)."""
+        t = self.margins(x) if t is None else t
+        return self.loss.value(t, self.b).mean() + lam / 2 * x.dot(x)
+
+    def gradients(self, x: Tensor, lam: float, t: Tensor | None = None) -> Tensor:
+        """``∇P_i(x) = (1/m) Σ_j φ'(t_ij, b_ij) a_ij + λx`` for every node, shape ``(n, d)``."""
+        t = self.margins(x) if t is None else t
+        sums = self._blocks @ self.loss.d1(t, self.b)
+        return sums.view(self.n, self.d) / self.m + lam * x
+
+    def curvatures(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """``h_ij(x) = φ''(t_ij, b_ij)``, shape ``(n·m,)``."""
+        t = self.margins(x) if t is None else t
+        return self.loss.d2(t, self.b)
+
+    def hessian(self, x: Tensor, lam: float, t: Tensor | None = None) -> Tensor:
+        """``∇²P(x) = (1/(nm)) Σ_ij h_ij(x) a_ij a_ijᵀ + λI`` (sparse product, ``d×d``)."""
+        H = self.shard.weighted_gram(self.curvatures(x, t)) / (self.n * self.m)
+        H.diagonal().add_(lam)
+        return H
+
+    def local_hessians(self, x: Tensor, lam: float, t: Tensor | None = None) -> Tensor:
+        """``∇²P_i(x)`` for every node, shape ``(n, d, d)``."""
+        rows = self.node_rows()
+        h = self.curvatures(x, t).view(self.n, self.m, 1)
+        H = torch.bmm(rows.transpose(1, 2), rows * h) / self.m
+        H.diagonal(dim1=1, dim2=2).add_(lam)
+        return H
+
+
+def smoothness(nodes: GLMNodes, lam: float) -> tuple[float, float]:
+    """``(L, μ)`` of the local functions: ``L = max_i L_i``, ``L_i = γ λ_max(A_iᵀA_i/m) + λ``
+    with ``γ = sup|φ''|`` (1/4 for logistic), and ``μ = λ`` (the strong convexity the
+    regulariser guarantees). The first-order methods' theory assumes every ``P_i`` is
+    ``L``-smooth, hence the maximum over nodes."""
+    gamma = nodes.loss.gamma
+    if gamma is None:
+        raise ValueError("theoretical stepsizes need sup|phi''|: use a built-in loss or pass them")
+    rows = nodes.node_rows()
+    gram = torch.bmm(rows.transpose(1, 2), rows) / nodes.m
+    top = float(torch.linalg.eigvalsh(gram)[:, -1].max())
+    return gamma * top + lam, lam
+
+
+def paper_message_bits(compressor: Compressor, dim: int) -> float:
+    """One compressed ``dim``-vector in the seed's count (§4, "Compression operators"):
+    ``32r + log2 C(dim, r)`` for random-r sparsification, ``2.8·dim + 32`` for random dithering
+    with ``s = √dim`` (QSGD's Elias code, which the seed quotes), ``9·dim`` for natural
+    compression; the compressor's own ``bits`` otherwise."""
+    if isinstance(compressor, RandomDithering):
+        return 2.8 * dim + acc.FLOAT_BITS
+    return compressor.bits(dim)
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True) -> float:
+    """A finite real ``> low`` (``>= low`` when not ``strict``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(
+            f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
+        )
+    return float(value)
+
+
+class GLMBaseline(torch.optim.Optimizer):
+    """Shell shared by the baselines: input checks, the node split, the bit count and the
+    history, in NewtonLearn's format.
+
+    ``step()`` takes no closure and returns ``P(x^k)`` at the point it started from (0-d).
+    ``state[param]["bits_sent"]``: cumulative bits the nodes sent, initialisation included, in
+    the chosen ``accounting``; ``history``: per iteration ``{"loss": P(x^k), "bits":
+    cumulative bits after it, "time": cumulative step seconds}`` as NewtonLearn's, plus
+    ``"bits_realistic"`` and ``"bits_paper"`` (both conventions: the iterates do not depend on
+    the convention, so one run serves both). Evaluating ``P(x^k)`` for the history is
+    monitoring, not communication, as in NewtonLearn.
+
+    Subclasses implement ``_initial_bits()`` and ``_iterate(state, x)``, which returns
+    ``(x^{k+1}, P(x^k), bits)``; bills are ``{"realistic": …, "paper": …}`` (see ``_bill``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        features: Tensor,
+        targets: Tensor,
+        *,
+        loss: str | Callable[[Tensor, Tensor], Tensor],
+        lam: float,
+        num_nodes: int | None,
+        accounting: str,
+        generator: torch.Generator | None,
+        defaults: dict[str, Any],
+    ) -> None:
+        lam = check_number("lam", lam, strict=False)
+        if accounting not in acc.ACCOUNTINGS:
+            raise ValueError(f"accounting must be one of {acc.ACCOUNTINGS}, got {accounting!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        super().__init__(params, dict(lam=lam, **defaults))
+        plist = [p for g in self.param_groups for p in g["params"]]
+        if len(plist) != 1:
+            raise ValueError(f"params must hold exactly one tensor (x), got {len(plist)}")
+        d = plist[0].numel()
+        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != d:
+            raise ValueError(
+                f"features must be a (rows, d={d}) tensor matching the parameter's {d} elements, "
+                f"got {getattr(features, 'shape', type(features).__name__)}"
+            )
+        if not features.is_floating_point() or features.dtype != plist[0].dtype:
+            raise TypeError(
+                f"features must have the parameter's dtype {plist[0].dtype}, got {features.dtype}"
+            )
+        if not isinstance(targets, Tensor) or targets.shape != features.shape[:1]:
+            raise ValueError(
+                f"targets must be a tensor of shape ({features.shape[0]},), "
+                f"got {getattr(targets, 'shape', type(targets).__name__)}"
+            )
+        nodes = 1 if num_nodes is None else num_nodes
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+            raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+        rows = features.shape[0]
+        if rows == 0 or rows % nodes:
+            raise ValueError(
+                f"features has {rows} rows, not divisible into num_nodes={nodes} equal shards; "
+                f"drop the remainder (e.g. features[:{nodes * (rows // nodes)}]) as the paper does"
+            )
+        self.accounting = accounting
+        self.nodes = GLMNodes(features, targets.to(features.dtype), nodes, loss)
+        self.generator = generator or torch.Generator().manual_seed(torch.initial_seed())
+        self.history: list[dict[str, float]] = []
+        self._bits = self._initial_bits()
+        state = self.state[plist[0]]
+        state["step"] = 0
+        state["bits_sent"] = torch.tensor(self._bits[accounting], dtype=torch.float64)
+
+    @property
+    def _param(self) -> Tensor:
+        return self.param_groups[0]["params"][0]
+
+    @property
+    def _lam(self) -> float:
+        return self.param_groups[0]["lam"]
+
+    def _bill(self, one_node: float, paper: float | None = None) -> dict[str, float]:
+        """A message every node sends, costing ``one_node`` bits: ``n`` times it summed over the
+        nodes (realistic), one node's (paper: ``paper`` where the authors count otherwise)."""
+        return {"realistic": self.nodes.n * one_node, "paper": one_node if paper is None else paper}
+
+    def _initial_bits(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _iterate(self, state: dict, x: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> Tensor:
+        """One iteration; returns ``P(x^k)`` at the starting point (0-d tensor)."""
+        if closure is not None:
+            raise TypeError(
+                f"{type(self).__name__}.step() takes no closure: the optimizer owns the data "
+                "(features/targets) and evaluates P itself"
+            )
+        start = time.perf_counter()
+        p = self._param
+        state = self.state[p]
+        x_new, loss, bits = self._iterate(state, p.detach().reshape(-1))
+        p.copy_(x_new.view_as(p))
+        state["step"] += 1
+        self._bits = {key: self._bits[key] + bits[key] for key in acc.ACCOUNTINGS}
+        state["bits_sent"].fill_(self._bits[self.accounting])
+        elapsed = time.perf_counter() - start + (self.history[-1]["time"] if self.history else 0.0)
+        self.history.append(
+            {
+                "loss": float(loss),
+                "bits": self._bits[self.accounting],
+                "time": elapsed,
+                **{f"bits_{key}": value for key, value in self._bits.items()},
+            }
+        )
+        return loss
