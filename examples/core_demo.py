@@ -60,6 +60,7 @@ def main() -> list[tuple[str, float, int, float]]:
         rows.append((what, err, hvp_count[0], dt))
 
     hv_ref = H @ v
+
     def forward_over_reverse() -> torch.Tensor:
         hvp_count[0] += 1
         return curvature.hvp(loss, x, v)

@@ -21,9 +21,7 @@ from torch_rankone.linalg import (
 )
 
 F64 = torch.float64
-SETTINGS = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 shape_st = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 shapes_st = st.lists(shape_st, min_size=1, max_size=4)
