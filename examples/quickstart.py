@@ -16,9 +16,10 @@ under two minutes on two CPU cores.
     python examples/quickstart.py [--out examples/output] [--quick]
 
 Adding an optimizer is one line in ``OPTIMIZERS``: its class, how its closure is written and
-its hyper-parameters per task. FisherNewton takes mini-batches of ``batch`` rows (its Woodbury
-solve is over the ``B × B`` Gram matrix of per-sample gradients); the others use the full
-training set every step.
+its hyper-parameters per task (a task it has none for is skipped: NewtonLearn is for generalised
+linear models, so it runs on ``logreg`` only, over 3 simulated nodes). FisherNewton takes
+mini-batches of ``batch`` rows (its Woodbury solve is over the ``B × B`` Gram matrix of
+per-sample gradients); the others use the full training set every step.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from _common import (
 )
 from torch import Tensor, nn
 
-from torch_rankone import FisherNewton, RankOneNewton
+from torch_rankone import FisherNewton, NeumannIHVP, NewtonLearn, RankOneNewton
+from torch_rankone.distributed import RandK
 
 SEED = 0
 LAM = 1e-3
@@ -55,7 +57,8 @@ class Candidate:
 
     ``closure``: ``"loss"`` returns the mean loss without ``backward`` (exact HVPs),
     ``"per_sample"`` returns the per-sample losses (FisherNewton), ``"backward"`` zeroes the
-    gradients, calls ``backward()`` and returns the loss (Adam, LBFGS).
+    gradients, calls ``backward()`` and returns the loss (Adam, LBFGS); ``"owns_data"``: no
+    closure, the optimizer is built with the training data (NewtonLearn).
     """
 
     name: str
@@ -73,6 +76,10 @@ OPTIMIZERS: list[Candidate] = [
               {"logreg": {"damping": 50.0, "lr": 200.0}, "mlp": {"damping": 30.0, "lr": 60.0}}),
     Candidate("FisherNewton", FisherNewton, "per_sample",
               {"logreg": {"damping": 0.1}, "mlp": {"damping": 0.1}}, batch=128),
+    Candidate("NeumannIHVP", NeumannIHVP, "loss",
+              {"logreg": {"num_terms": 10}, "mlp": {"num_terms": 10, "damping": 1.0}}),
+    Candidate("NewtonLearn", NewtonLearn, "owns_data",
+              {"logreg": {"lam": LAM, "compressor": RandK(16), "num_nodes": 3}}),
     Candidate("Adam", torch.optim.Adam, "backward", {"logreg": {"lr": 0.1}, "mlp": {"lr": 0.01}}),
     Candidate("LBFGS", torch.optim.LBFGS, "backward", {"logreg": LBFGS, "mlp": LBFGS}),
 ]  # fmt: skip
@@ -202,7 +209,8 @@ def train(cand: Candidate, task: Task) -> Run:
     """``task.steps`` steps of ``cand`` from the task's fixed initialisation; steps are timed."""
     torch.manual_seed(SEED)
     model = task.model()
-    opt = cand.cls(model.parameters(), **cand.hyper[task.name])
+    data = (task.X_train, task.y_train) if cand.closure == "owns_data" else ()
+    opt = cand.cls(model.parameters(), *data, **cand.hyper[task.name])
     batches = torch.Generator().manual_seed(SEED)
     run = Run(task.name, cand.name, task.f_star)
 
@@ -215,7 +223,7 @@ def train(cand: Candidate, task: Task) -> Run:
         rows = None
         if cand.batch is not None:
             rows = torch.randint(len(task.y_train), (cand.batch,), generator=batches)
-        closure = make_closure(cand, task, model, opt, rows)
+        closure = None if data else make_closure(cand, task, model, opt, rows)
         t0 = time.perf_counter()
         opt.step(closure)
         run.seconds += time.perf_counter() - t0
@@ -271,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser.add_argument("--quick", action="store_true", help="20 steps per run (smoke test)")
     args = parser.parse_args(argv)
     tasks = [logreg_task(20 if args.quick else 200), mlp_task(20 if args.quick else 500)]
-    runs = [train(cand, task) for task in tasks for cand in OPTIMIZERS]
+    runs = [train(cand, task) for task in tasks for cand in OPTIMIZERS if task.name in cand.hyper]
     print_table(runs, tasks)
     files = [
         write_table(runs, args.out / "quickstart.csv"),

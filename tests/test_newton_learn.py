@@ -609,7 +609,7 @@ def test_real_data_reaches_1e10(name, variant, start, budget):
     """L2-regularised logistic regression, RandK(1), λ = 1e-3, η = 1/(ω+1) = 1/m: NL1, NL2
     and CNL reach ``P(x) − P* ≤ 1e-10`` (CNL also from the far start). w8a's CNL runs (1065
     iterations from 0, an eigendecomposition of 300×300 each) are in
-    ``examples/newton_learn_distributed.py`` and docs/newton_learn.md, not in the suite."""
+    ``examples/newton_learn_distributed.py`` and the README, not in the suite."""
     gap = _run_to_1e10(name, variant, start, budget)
     assert gap <= 1e-10, f"{name} {variant}: P − P* = {gap:.3e} after {budget} iterations"
 
