@@ -120,7 +120,13 @@ def _scalar(x: float | Tensor) -> Tensor:
 
 
 def lowrank_gram(g: Sequence[Tensor], U: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
-    """``(G, b) = (UᵀU, Uᵀg)`` accumulated in float64 (pass 1 of the fused kernel)."""
+    """``(G, b) = (UᵀU, Uᵀg)`` accumulated in float64 (pass 1 of the fused kernel).
+
+    The products are formed in the inputs' dtype (the kernel widens them first, for free in
+    registers; here that would cost converted copies on the optimizers' fallback path). Their
+    rounding only matters where Woodbury itself is unstable, ``N ≤ k``, which
+    ``linalg.lowrank_solve`` solves densely instead.
+    """
     G = gram(U, dtype=torch.float64)
     b = torch.stack([dot(u, g, dtype=torch.float64) for u in U])
     return G, b

@@ -28,19 +28,17 @@ def numel(xs: Sequence[Tensor]) -> int:
 
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> Tensor:
-    """``<x, y>`` over all tensors, as a 0-d tensor (computed in ``dtype`` if given).
+    """``<x, y>`` over all tensors, as a 0-d tensor (accumulated in ``dtype`` if given).
 
-    With a wider ``dtype`` the inputs are converted before multiplying: float32 products formed
-    in float32 would round and, for values below ~1e-19, underflow (a Neumann increment that
-    has shrunk that far still has a meaningful Rayleigh quotient). No host synchronisation.
+    The products are formed in the inputs' dtype (no converted copies: this is on optimizers'
+    paths); where float32 products could underflow, pass float64 vectors.
+    No host synchronisation: the result stays on the tensors' device.
     """
     if len(xs) != len(ys):
         raise ValueError(f"dot: vectors have {len(xs)} and {len(ys)} tensors")
     if not xs:
         return torch.zeros((), dtype=dtype or torch.get_default_dtype())
-    if dtype is not None:
-        xs, ys = [x.to(dtype) for x in xs], [y.to(dtype) for y in ys]
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
+    parts = [(x * y).sum(dtype=dtype) for x, y in zip(xs, ys)]
     return torch.stack(parts).sum()
 
 

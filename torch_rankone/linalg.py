@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._tensorlist import TensorList, as_tensor_list, check_like, dot, flatten, norm, numel
+from ._tensorlist import (
+    TensorList,
+    as_tensor_list,
+    check_like,
+    dot,
+    flatten,
+    norm,
+    numel,
+    unflatten,
+)
 from .curvature import power_iteration
 
 __all__ = [
@@ -135,7 +144,8 @@ def lowrank_solve(
 
     ``y = (g − U (C⁻¹ + UᵀU/c)⁻¹ Uᵀg / c) / c``, computed as ``y = (g − U a)/c`` with
     ``a = (c·I + C UᵀU)⁻¹ C Uᵀg`` so that a singular ``C`` is allowed. ``k = 1`` is
-    Sherman–Morrison. SPEC §3.
+    Sherman–Morrison. SPEC §3. With ``check=True`` and ``N ≤ k`` the (at most 8×8) operator is
+    formed and solved directly: Woodbury is unstable when U's columns are dependent.
 
     Args:
         c: the scalar shift (damping), a float or 0-d tensor.
@@ -185,19 +195,29 @@ def lowrank_solve(
             f"{smallest / largest if largest else 0.0:.2e} <= rcond = {rcond:.1e}. "
             "Increase the damping c, use float64, or pass a smaller rcond."
         )
+    dense = None
+    if n <= k:
+        # The operator is at most 8×8: form it. Woodbury would be unstable here — U's k columns
+        # in N ≤ k dimensions are dependent, so a = (cI + C G)⁻¹ C b can be large and cancel in
+        # g − U a — and c need not be an eigenvalue.
+        Ud = torch.stack([flatten(u).double() for u in Us], dim=1)
+        eye = torch.eye(n, dtype=torch.float64, device=Ud.device)
+        dense = c_val * eye + Ud @ C64.to(Ud.device) @ Ud.T
+        if require_pd:
+            spec = torch.linalg.eigvalsh(dense)
     if require_pd:
-        if n <= k:  # c need not be an eigenvalue then; the operator is at most 8×8: form it
-            Ud = torch.stack([flatten(u).double() for u in Us], dim=1)
-            eye = torch.eye(n, dtype=torch.float64, device=Ud.device)
-            spec = torch.linalg.eigvalsh(c_val * eye + Ud @ C64.to(Ud.device) @ Ud.T)
         if float(spec.min()) <= 0:
             raise NotPositiveDefiniteError(
                 f"lowrank_solve: c·I + U C Uᵀ is not positive definite: its smallest eigenvalue "
                 f"is {float(spec.min()):.6g} (c = {c_val:.6g}). Raise c by more than "
                 f"{-float(spec.min()):.6g} to make it positive definite."
             )
-    a = _ext.lowrank_coefficients(G, b, C64, c_val)
-    y = _ext._apply(gs, Us, a, c_val)
+    if dense is not None:
+        y64 = torch.linalg.solve(dense, flatten(gs).double())
+        y = unflatten(y64.to(gs[0].dtype), gs)
+    else:
+        a = _ext.lowrank_coefficients(G, b, C64, c_val)
+        y = _ext._apply(gs, Us, a, c_val)
     return y[0] if single else y
 
 
@@ -250,15 +270,23 @@ def neumann_series(
     f64 = torch.float64
     p = [t.clone() for t in vs]
     d = list(vs)
-    d_sq = dot(d, d, dtype=f64)
+
+    def wide(v: list[Tensor]) -> list[Tensor]:
+        # The increments shrink geometrically: float32 products of them underflow (below ~1e-19)
+        # long before their Rayleigh quotients stop meaning anything, so moments use float64.
+        return [t.to(f64) for t in v]
+
+    d64 = wide(d)
+    d_sq = dot(d64, d64)
     moments, a_moments = [], []
     for _ in range(int(num_terms)):
         a_d = torch._foreach_div(torch._foreach_add(hvp(d), torch._foreach_mul(d, lam)), s)
         d_next = torch._foreach_sub(d, a_d)
         torch._foreach_add_(p, d_next)
-        moments += [d_sq, dot(d, d_next, dtype=f64)]
-        a_moments += [dot(d, a_d, dtype=f64), dot(d_next, a_d, dtype=f64)]
-        d, d_sq = d_next, dot(d_next, d_next, dtype=f64)
+        next64, a64 = wide(d_next), wide(a_d)
+        moments += [d_sq, dot(d64, next64)]
+        a_moments += [dot(d64, a64), dot(next64, a64)]
+        d, d64, d_sq = d_next, next64, dot(next64, next64)
     torch._foreach_div_(p, s)
     empty = torch.zeros(0, dtype=f64, device=device)
     m = torch.stack(moments) if moments else empty

@@ -10,7 +10,8 @@ Woodbury update (rank B = 32 > 8: no compiled op applies, so one variant). Goals
 3.5 Adam steps (batch 128), FisherNewton with B = 32 ≤ 6 Adam steps (batch 32).
 
 ``python -m pytest tests/benchmarks/test_bench_optim.py --benchmark-enable -s`` prints the ratios
-(medians, one run) and writes ``tests/benchmarks/results/optim_cpu.txt``.
+(minimum over 30 rounds, the reproducible figure on a shared machine; one run) and writes
+``tests/benchmarks/results/optim_cpu.txt``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch_rankone import FisherNewton, RankOneNewton, _ext, has_extension
 
 SIZES = (784, 1024, 256, 10)
 RESULTS = Path(__file__).parent / "results" / "optim_cpu.txt"
-_medians: dict[str, float] = {}
+_best: dict[str, float] = {}
 
 
 def _model():
@@ -56,9 +57,9 @@ def kernels(request, monkeypatch) -> str:
 
 def _bench(benchmark, name, fn):
     benchmark.group = "optimizer-step"
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+    benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
     if benchmark.stats is not None:
-        _medians[name] = benchmark.stats.stats.median
+        _best[name] = benchmark.stats.stats.min
 
 
 @pytest.mark.parametrize("batch", [128, 32])
@@ -136,23 +137,23 @@ def test_fisher_newton(benchmark, implicit):
 
 
 def test_report_ratios():
-    if "Adam (batch 128)" not in _medians:
+    if "Adam (batch 128)" not in _best:
         pytest.skip("timings need --benchmark-enable")
     lines = [
         f"MLP {SIZES}, 1,068,810 parameters, float32, CPU, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, extension built: {has_extension()}",
-        f"{'step':56s} {'median ms':>10s} {'/ Adam':>8s} {'/ grad':>8s}",
+        f"{'step':56s} {'min ms':>10s} {'/ Adam':>8s} {'/ grad':>8s}",
     ]
-    for name, t in _medians.items():
+    for name, t in _best.items():
         batch = "32" if "32" in name else "128"
-        adam, grad = _medians[f"Adam (batch {batch})"], _medians[f"gradient (batch {batch})"]
+        adam, grad = _best[f"Adam (batch {batch})"], _best[f"gradient (batch {batch})"]
         lines.append(f"{name:56s} {1e3 * t:10.2f} {t / adam:8.2f} {t / grad:8.2f}")
     report = "\n".join(lines)
     print("\n" + report)
     RESULTS.write_text(report + "\n")
-    rf = _medians["FisherNewton, B = 32, module= (implicit rows)"] / _medians["Adam (batch 32)"]
+    rf = _best["FisherNewton, B = 32, module= (implicit rows)"] / _best["Adam (batch 32)"]
     for kernels in ("ext", "no ext"):
         name = f"RankOneNewton, create_graph (batch 128), {kernels}"
-        if name in _medians:
-            assert _medians[name] / _medians["Adam (batch 128)"] <= 3.5, report
+        if name in _best:
+            assert _best[name] / _best["Adam (batch 128)"] <= 3.5, report
     assert rf <= 6.0, report
