@@ -85,9 +85,34 @@ def test_divergence_falls_back_to_damped_gradient_step_and_warns():
     assert torch.isfinite(x1).all()
     assert torch.allclose(x1, prob.x0 - g / s, rtol=1e-12)  # the fallback step
     assert int(opt.state["neumann_fallbacks"]) == 1 and int(opt.state["skipped_steps"]) == 0
+    assert "scale" not in opt.state  # a given scale is the user's: never raised
     opt.step(prob.loss_closure())
     with pytest.warns(RuntimeWarning, match="diverged in 2 step"):
         opt.step(prob.loss_closure())  # call 2: the scheduled sync point reports
+
+
+def test_stale_estimated_scale_is_raised_on_device():
+    """An estimated s below λ_max (the curvature grew since the estimate): the step falls back,
+    and a Rayleigh quotient r > 1 raises s to 1.05·r·s, which is a lower bound on 1.05·λ_max,
+    so after a few steps s exceeds λ_max again and the series converges — without a refresh."""
+    prob = MLPProblem()
+    opt = NeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=10, scale_refresh=1000)
+    opt.step(prob.loss_closure())
+    eye = torch.eye(37, dtype=F64)
+
+    def top() -> float:
+        return float(torch.linalg.eigvalsh(prob.hessian(prob.flat()) + eye)[-1])
+
+    here = top()  # at the point of the next step
+    stale = 0.5 * here
+    opt.state["scale"] = torch.tensor(stale, dtype=F64)
+    opt.step(prob.loss_closure())
+    assert int(opt.state["neumann_fallbacks"]) == 1
+    assert stale < float(opt.state["scale"]) <= 1.05 * here * (1 + 1e-6)  # r·s ≤ λ_max
+    for _ in range(6):
+        opt.step(prob.loss_closure())
+    assert int(opt.state["neumann_fallbacks"]) <= 3
+    assert float(opt.state["scale"]) >= top()
 
 
 def test_nan_masking_resume_and_validation():

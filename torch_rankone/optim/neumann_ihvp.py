@@ -52,9 +52,11 @@ class NeumannIHVP(SecondOrderOptimizer):
     Divergence (a Rayleigh quotient of ``A`` outside ``(0, 1]`` along the series' iterates, a
     growing term, or a non-finite value) is detected on device; that step falls back to the
     damped gradient step ``y = g/s`` — never a NaN update — and ``state["neumann_fallbacks"]``
-    counts it. The ``RuntimeWarning`` about fallbacks is emitted at the next scheduled sync point
-    (every ``scale_refresh`` calls), so the other steps stay free of host syncs. Non-finite
-    losses and gradients are masked as for the other optimizers (``state["skipped_steps"]``).
+    counts it. With an estimated scale, a quotient ``r > 1`` also raises ``s`` to ``1.05·r·s``
+    for the following steps (on device; the curvature grew since the last estimate). The
+    ``RuntimeWarning`` about fallbacks is emitted at the next scheduled sync point (every
+    ``scale_refresh`` calls), so the other steps stay free of host syncs. Non-finite losses and
+    gradients are masked as for the other optimizers (``state["skipped_steps"]``).
     """
 
     _per_group = ("lr",)
@@ -111,6 +113,8 @@ class NeumannIHVP(SecondOrderOptimizer):
         s = self._scale(hvp, g, opts, refresh=call % self.scale_refresh == 0)
         res = neumann_series(hvp, g, opts["num_terms"], s, opts["damping"])
         y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(g, res.solution)]
+        if opts["scale"] is None:
+            self._raise_stale_scale(res, s)
         fallbacks = self._counter("neumann_fallbacks", params[0])
         fallbacks.add_(res.diverged.to(torch.int64))
         ok = all_finite(loss, s, *y)
@@ -134,6 +138,20 @@ class NeumannIHVP(SecondOrderOptimizer):
             )
             self.state["scale"] = 1.05 * top.eigenvalue.abs().to(like[0].device, like[0].dtype)
         return self.state["scale"]
+
+    def _raise_stale_scale(self, res, s: Tensor) -> None:
+        """An estimated ``s`` goes stale as the curvature changes between refreshes. A Rayleigh
+        quotient ``r = dᵀAd/dᵀd > 1`` along the series proves ``λ_max(H + λI) ≥ r·s``: raise
+        ``s`` to ``1.05·r·s`` at once, on device (no sync), instead of falling back until the
+        next refresh. Quotients ``≤ 0`` (negative curvature) are left to the fallback: no scale
+        helps there. Beyond the seed; only for ``scale=None``."""
+        quotients = res.a_moments[0::2] / res.moments[0::2].clamp_min(
+            torch.finfo(res.moments.dtype).tiny
+        )
+        top = torch.nan_to_num(quotients, nan=0.0, posinf=0.0).max() if quotients.numel() else None
+        if top is not None:
+            raised = torch.where(top > 1, 1.05 * top.to(s.dtype) * s, s)
+            self.state["scale"] = raised
 
     def _report_fallbacks(self) -> None:
         count = int(self.state["neumann_fallbacks"]) if "neumann_fallbacks" in self.state else 0
