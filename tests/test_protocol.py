@@ -33,3 +33,23 @@ def test_grad_scaler_is_refused_clearly_and_changes_nothing(cls):
         torch.nn.functional.mse_loss(model(x), y).backward(create_graph=True)
         opt.step()
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [RankOneNewton, FisherNewton, NeumannIHVP])
+def test_every_optimizer_counts_step_calls_on_the_host(cls):
+    """``state["step_calls"]`` (a host int, saved in state_dict) counts step() calls, skipped
+    ones included — integrations and schedules read it without a device sync."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = cls(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    for _ in range(3):
+        opt.step(
+            lambda: (
+                ((model(x) - y) ** 2).mean(dim=1)
+                if cls is FisherNewton
+                else torch.nn.functional.mse_loss(model(x), y)
+            )
+        )
+    assert opt.state["step_calls"] == 3
+    assert opt.state_dict()["state"]["step_calls"] == 3

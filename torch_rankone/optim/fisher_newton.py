@@ -280,6 +280,7 @@ class FisherNewton(SecondOrderOptimizer):
             )
         params = [p for ps in groups for p in ps]
         defaults = self.param_groups[0]
+        self._next_call()  # state["step_calls"], as every optimizer here keeps it
         self._sync_generator()
         with _LinearCapture(self.module, params) as capture:
             losses, fisher_losses = self._per_sample_losses(closure, params, defaults)
