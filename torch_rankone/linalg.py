@@ -240,6 +240,15 @@ class NeumannResult(NamedTuple):
     moments: Tensor  # (2K,) float64
     a_moments: Tensor  # (2K,) float64
 
+    @property
+    def rayleigh_quotients(self) -> Tensor:
+        """``d_kᵀA d_k / d_kᵀd_k`` for ``k = 0..K−1`` (0 where an increment vanished)."""
+        return _rayleigh_quotients(self.moments, self.a_moments)
+
+
+def _rayleigh_quotients(moments: Tensor, a_moments: Tensor) -> Tensor:
+    return a_moments[0::2] / moments[0::2].clamp_min(torch.finfo(moments.dtype).tiny)
+
 
 def neumann_series(
     hvp_fn: Callable,
@@ -293,7 +302,7 @@ def neumann_series(
     am = torch.stack(a_moments) if a_moments else empty
     norms_sq = torch.cat([m[0::2], d_sq.reshape(1)])
     tiny = 16 * _eps(dtype)
-    rayleigh = am[0::2] / m[0::2].clamp_min(torch.finfo(f64).tiny)
+    rayleigh = _rayleigh_quotients(m, am)
     live = m[0::2] > 0  # an exactly vanished increment means the series terminated: fine
     diverged = (
         (live & ((rayleigh <= 0) | (rayleigh > 1 + tiny))).any()

@@ -145,9 +145,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         ``s`` to ``1.05·r·s`` at once, on device (no sync), instead of falling back until the
         next refresh. Quotients ``≤ 0`` (negative curvature) are left to the fallback: no scale
         helps there. Beyond the seed; only for ``scale=None``."""
-        quotients = res.a_moments[0::2] / res.moments[0::2].clamp_min(
-            torch.finfo(res.moments.dtype).tiny
-        )
+        quotients = res.rayleigh_quotients
         top = torch.nan_to_num(quotients, nan=0.0, posinf=0.0).max() if quotients.numel() else None
         if top is not None:
             raised = torch.where(top > 1, 1.05 * top.to(s.dtype) * s, s)

@@ -44,6 +44,11 @@ def theory_damping(grad_norm: Tensor, n: int, M: float, lam_max: Tensor | float,
     return torch.sqrt(M * grad_norm / 2) + sigma.to(grad_norm.device)
 
 
+def _symmetrised_outer_coefficients(n: int) -> Tensor:
+    """``C`` of ``S = (N/2)(h uᵀ + u hᵀ) = U C Uᵀ`` with ``U = [h, u]``."""
+    return (n / 2) * torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+
+
 def rank_one_newton_direction(
     g: TensorList, h: TensorList, u: TensorList, c: list[Tensor]
 ) -> tuple[TensorList, Tensor]:
@@ -54,8 +59,7 @@ def rank_one_newton_direction(
     ``y = Λ^{-1/2} z``, which is again ``c = 1`` plus rank 2. Returns ``(y, coefficients_finite)``
     — the flag is False when the ``2×2`` system or its inputs were non-finite.
     """
-    n = numel(g)
-    C = (n / 2) * torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    C = _symmetrised_outer_coefficients(numel(g))
     if all(ci is c[0] for ci in c):
         G, b = _ext.lowrank_gram(g, [h, u])
         a = _ext.lowrank_coefficients(G, b, C, c[0])
@@ -202,7 +206,7 @@ class RankOneNewton(SecondOrderOptimizer):
             # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
             # lr = NaN vetoes the step on device when the loss or c is not finite.
             lr = torch.where(finite, torch.as_tensor(lr, dtype=torch.float64), torch.nan)
-            C = (n / 2) * torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+            C = _symmetrised_outer_coefficients(n)
             ok = _ext.lowrank_solve_update(params, g, [h, u], C, c_groups[0], lr.to(g[0].device))
             self._count_step(ok, params[0])
         else:
