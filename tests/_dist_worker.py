@@ -19,9 +19,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _optim_problems import MLPProblem
+from _optim_problems import MLPProblem, PaperRankOneNewton
 
-from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
+from torch_rankone import FisherNewton, NeumannIHVP
 from torch_rankone._tensorlist import flatten
 
 STEPS = 5
@@ -88,7 +88,7 @@ def run_rank_one(
         if theory
         else dict(damping=0.5)
     )
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         prob.params, lr=1.0, hvp=hvp, generator=gen, process_group=process_group, **damping
     )
     model = prob.model if model is None else model

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
+from torch_rankone import NeumannIHVP, RankOneNewton
 from torch_rankone._tensorlist import flatten, unflatten
 
 F64 = torch.float64
+
+#: The papers' formulas as written — the isotropic rank-one step with ``α = damping`` and the
+#: Neumann series with an absolute ``λ`` — which the dense references of these tests implement.
+#: The package's defaults (diagonal plus low rank, relative damping) are tested separately.
+PaperRankOneNewton = functools.partial(
+    RankOneNewton, preconditioner="isotropic", damping_mode="fixed"
+)
+PaperNeumannIHVP = functools.partial(NeumannIHVP, damping_mode="fixed")
 
 
 class MLPProblem:

@@ -7,9 +7,7 @@ import copy
 
 import pytest
 import torch
-from _optim_problems import F64, MLPProblem
-
-from torch_rankone import NeumannIHVP
+from _optim_problems import F64, MLPProblem, PaperNeumannIHVP
 
 
 def _dense(prob, K, s, lam, lr):
@@ -28,7 +26,7 @@ def test_one_step_equals_dense_truncated_series(mode):
     s = 1.2 * float(torch.linalg.eigvalsh(H)[-1] + lam)
     expected, _ = _dense(prob, 6, s, lam, 0.9)
     calls = []
-    opt = NeumannIHVP(
+    opt = PaperNeumannIHVP(
         prob.params, lr=0.9, damping=lam, num_terms=6, scale=s, hvp="fd" if mode == "fd" else "auto"
     )
     if mode == "graph":
@@ -57,14 +55,14 @@ def test_exactly_num_terms_hvps_per_step(monkeypatch):
 
     monkeypatch.setattr(protocol, "_exact_hvp_fn", counting)
     prob = MLPProblem()
-    opt = NeumannIHVP(prob.params, damping=1.0, num_terms=7, scale=50.0)
+    opt = PaperNeumannIHVP(prob.params, damping=1.0, num_terms=7, scale=50.0)
     opt.step(prob.loss_closure())
     assert count[0] == 7
 
 
 def test_estimated_scale_refreshes_on_schedule():
     prob = MLPProblem()
-    opt = NeumannIHVP(prob.params, damping=1.0, num_terms=3, scale_refresh=2)
+    opt = PaperNeumannIHVP(prob.params, damping=1.0, num_terms=3, scale_refresh=2)
     opt.step(prob.loss_closure())
     top = float(torch.linalg.eigvalsh(prob.hessian(prob.x0) + torch.eye(37, dtype=F64))[-1])
     assert abs(float(opt.state["scale"]) / (1.05 * top) - 1) < 1e-3
@@ -79,16 +77,19 @@ def test_divergence_falls_back_to_damped_gradient_step_and_warns():
     prob = MLPProblem()
     H, g = prob.hessian(prob.x0), prob.grad(prob.x0)
     s = 0.3 * float(torch.linalg.eigvalsh(H)[-1])  # far below λ_max: the series diverges
-    opt = NeumannIHVP(prob.params, lr=1.0, damping=0.0, num_terms=30, scale=s, scale_refresh=2)
+    opt = PaperNeumannIHVP(prob.params, lr=1.0, damping=0.0, num_terms=30, scale=s, scale_refresh=2)
     opt.step(prob.loss_closure())
     x1 = prob.flat()
     assert torch.isfinite(x1).all()
     assert torch.allclose(x1, prob.x0 - g / s, rtol=1e-12)  # the fallback step
     assert int(opt.state["neumann_fallbacks"]) == 1 and int(opt.state["skipped_steps"]) == 0
     assert "scale" not in opt.state  # a given scale is the user's: never raised
-    opt.step(prob.loss_closure())
-    with pytest.warns(RuntimeWarning, match="diverged in 2 step"):
-        opt.step(prob.loss_closure())  # call 2: the scheduled sync point reports
+    with pytest.warns(
+        RuntimeWarning, match=r"1 of the last 1 step\(s\) — the Neumann series"
+    ) as rec:
+        opt.step(prob.loss_closure())  # call 1, the first sync point, reports call 0
+    assert rec[0].filename == __file__  # the user's line, not the package's
+    assert "state['neumann_fallbacks'] = 1" in str(rec[0].message)
 
 
 def test_stale_estimated_scale_is_raised_on_device():
@@ -96,7 +97,7 @@ def test_stale_estimated_scale_is_raised_on_device():
     and a Rayleigh quotient r > 1 raises s to 1.05·r·s, which is a lower bound on 1.05·λ_max,
     so after a few steps s exceeds λ_max again and the series converges — without a refresh."""
     prob = MLPProblem()
-    opt = NeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=10, scale_refresh=1000)
+    opt = PaperNeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=10, scale_refresh=1000)
     opt.step(prob.loss_closure())
     eye = torch.eye(37, dtype=F64)
 
@@ -104,7 +105,7 @@ def test_stale_estimated_scale_is_raised_on_device():
         return float(torch.linalg.eigvalsh(prob.hessian(prob.flat()) + eye)[-1])
 
     here = top()  # at the point of the next step
-    stale = 0.5 * here
+    stale = 0.3 * here  # Rayleigh quotients up to 3.3: beyond 2, where the series diverges
     opt.state["scale"] = torch.tensor(stale, dtype=F64)
     opt.step(prob.loss_closure())
     assert int(opt.state["neumann_fallbacks"]) == 1
@@ -118,7 +119,7 @@ def test_stale_estimated_scale_is_raised_on_device():
 def test_nan_masking_resume_and_validation():
     torch.manual_seed(0)
     prob = MLPProblem()
-    opt = NeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=4)
+    opt = PaperNeumannIHVP(prob.params, lr=0.5, damping=1.0, num_terms=4)
     opt.step(prob.loss_closure())
     saved = copy.deepcopy(prob.model.state_dict()), copy.deepcopy(opt.state_dict())
     x1 = prob.flat().clone()
@@ -127,7 +128,7 @@ def test_nan_masking_resume_and_validation():
     for _ in range(3):
         opt.step(prob.loss_closure())
     prob2 = MLPProblem()
-    opt2 = NeumannIHVP(prob2.params, lr=0.5, damping=1.0, num_terms=4)
+    opt2 = PaperNeumannIHVP(prob2.params, lr=0.5, damping=1.0, num_terms=4)
     prob2.model.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     opt2.step(lambda: prob2.loss() * float("nan"))
@@ -142,7 +143,7 @@ def test_nan_masking_resume_and_validation():
         (dict(damping=-1.0), "damping"),
     ]:
         with pytest.raises(ValueError, match=match):
-            NeumannIHVP(prob.params, **kwargs)
+            PaperNeumannIHVP(prob.params, **kwargs)
 
 
 def test_param_groups_and_lr_scheduler():
@@ -151,7 +152,7 @@ def test_param_groups_and_lr_scheduler():
     lam = 0.5 - min(0.0, float(torch.linalg.eigvalsh(H)[0]))
     s = 1.2 * float(torch.linalg.eigvalsh(H)[-1] + lam)
     w1, b1, w2, b2 = prob.params
-    opt = NeumannIHVP(
+    opt = PaperNeumannIHVP(
         [{"params": [w1, b1], "lr": 0.25}, {"params": [w2, b2]}],
         lr=1.0,
         damping=lam,

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from _optim_problems import F64, MLPProblem, same_direction
+from _optim_problems import F64, MLPProblem, PaperRankOneNewton, same_direction
 
-from torch_rankone import RankOneNewton
 from torch_rankone.optim import CurvatureError
 
 
@@ -42,7 +41,7 @@ def _dense_step(prob, x, u, lr, c, safeguard):
 )
 def test_one_step_equals_dense_formula(damping, delta, safeguard, expect_fire):
     prob = MLPProblem()
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         prob.params,
         lr=0.7,
         damping=damping,
@@ -70,7 +69,7 @@ def test_safeguard_is_continuous_across_the_indefinite_boundary():
 
     def step_norm(c):
         x = torch.ones(2, dtype=F64, requires_grad=True)
-        opt = RankOneNewton([x], damping=c, generator=torch.Generator().manual_seed(0))
+        opt = PaperRankOneNewton([x], damping=c, generator=torch.Generator().manual_seed(0))
         opt.step(lambda: 0.5 * x @ H @ x)
         return float((x.detach() - 1).norm())
 
@@ -82,7 +81,7 @@ def test_safeguard_is_continuous_across_the_indefinite_boundary():
 def test_theory_damping_step_equals_dense_formula():
     prob = MLPProblem()
     M, lam, delta = 2.0, 0.8, 0.1
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         prob.params,
         lr=1.0,
         delta=delta,
@@ -106,7 +105,7 @@ def _run_one(prob, mode, hvp="auto", seed=7):
     prob.set(prob.x0)
     for p in prob.params:
         p.grad = None
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         prob.params, lr=1.0, damping=0.5, hvp=hvp, generator=torch.Generator().manual_seed(seed)
     )
     if mode == "graph":
@@ -138,7 +137,7 @@ def test_graph_and_loss_closure_give_the_same_step_and_fd_agrees():
 def test_fd_restores_parameters_exactly_and_grad_holds_gradient():
     prob = MLPProblem()
     seen = []
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         prob.params, lr=0.0, damping=0.5, generator=torch.Generator().manual_seed(1)
     )
 
@@ -161,12 +160,12 @@ def test_fd_restores_parameters_exactly_and_grad_holds_gradient():
 
 def test_source_errors_are_clear():
     prob = MLPProblem()
-    opt = RankOneNewton(prob.params, hvp="exact")
+    opt = PaperRankOneNewton(prob.params, hvp="exact")
     with pytest.raises(
         CurvatureError, match="hvp='exact' cannot use a closure that calls backward"
     ):
         opt.step(prob.backward_closure(opt))
-    opt2 = RankOneNewton(prob.params)
+    opt2 = PaperRankOneNewton(prob.params)
     for p in prob.params:
         p.grad = None
     with pytest.raises(CurvatureError, match="create_graph=True"):
@@ -178,14 +177,14 @@ def test_source_errors_are_clear():
         opt2.step(lambda: prob.loss().detach())
     with pytest.raises(CurvatureError, match="needs a closure"):
         prob.loss().backward(create_graph=True)
-        RankOneNewton(prob.params, hvp="fd").step()
+        PaperRankOneNewton(prob.params, hvp="fd").step()
     assert torch.equal(prob.flat(), prob.x0)
 
 
 def test_param_groups_with_their_own_lr_and_damping():
     prob = MLPProblem()
     w1, b1, w2, b2 = prob.params
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         [{"params": [w1, b1], "lr": 0.5, "damping": 2.0}, {"params": [w2, b2]}],
         lr=1.0,
         damping=0.3,
@@ -208,7 +207,7 @@ def test_param_groups_with_their_own_lr_and_damping():
 def test_state_dict_resume_is_bit_for_bit():
     def make():
         prob = MLPProblem(seed=4)
-        return prob, RankOneNewton(prob.params, lr=0.5, damping=0.5)
+        return prob, PaperRankOneNewton(prob.params, lr=0.5, damping=0.5)
 
     torch.manual_seed(123)  # the owned generator is seeded from torch.initial_seed()
     prob, opt = make()
@@ -232,7 +231,7 @@ def test_state_dict_resume_is_bit_for_bit():
 
 def test_non_finite_loss_or_gradient_leaves_everything_untouched():
     prob = MLPProblem()
-    opt = RankOneNewton(prob.params, lr=1.0, damping=0.5)
+    opt = PaperRankOneNewton(prob.params, lr=1.0, damping=0.5)
     opt.step(prob.loss_closure())
     x1, state1 = prob.flat().clone(), copy.deepcopy(opt.state_dict())
     opt.step(lambda: prob.loss() * float("nan"))
@@ -250,7 +249,7 @@ def test_non_finite_loss_or_gradient_leaves_everything_untouched():
 
 def test_lr_scheduler_and_float32():
     prob = MLPProblem(dtype=torch.float32)
-    opt = RankOneNewton(prob.params, lr=1.0, damping=0.5)
+    opt = PaperRankOneNewton(prob.params, lr=1.0, damping=0.5)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)  # lr 0 after one step
     opt.step(prob.loss_closure())
     sched.step()
@@ -275,13 +274,13 @@ def test_lr_scheduler_and_float32():
 )
 def test_hyperparameter_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RankOneNewton(MLPProblem().params, **kwargs)
+        PaperRankOneNewton(MLPProblem().params, **kwargs)
 
 
 def test_non_uniform_options_across_groups_are_refused():
     w1, b1, w2, b2 = MLPProblem().params
     with pytest.raises(ValueError, match="same for all parameter groups"):
-        RankOneNewton([{"params": [w1, b1], "safeguard": False}, {"params": [w2, b2]}])
+        PaperRankOneNewton([{"params": [w1, b1], "safeguard": False}, {"params": [w2, b2]}])
 
 
 # ----------------------------------------------------------------------------- the slides' Lemma
@@ -299,7 +298,7 @@ def test_lemma_on_the_one_dimensional_example():
     M, lam_max, delta, eps = 4 / (3 * math.sqrt(3)), 1.1, 0.0, 1e-4
     x = torch.tensor([2.5], dtype=F64, requires_grad=True)
     f = lambda t: torch.log(torch.cosh(t)).sum() + (t**2).sum() / 20  # noqa: E731
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         [x], damping_mode="theory", hessian_lipschitz=M, lambda_max=lam_max, delta=delta
     )
     sigma = math.sqrt(lam_max**2 * 1 * 0 + 1 * delta**2)
@@ -333,7 +332,7 @@ def test_lemma_on_small_logistic_regression():
     f_star = float(f(z))
     g0 = float(torch.func.grad(f)(x.detach()).norm())
     K = _lemma_K(float(f(x.detach())) - f_star, M, sigma, eps, g0)
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         [x],
         damping_mode="theory",
         hessian_lipschitz=M,
@@ -367,7 +366,7 @@ def test_shared_lr_and_damping_take_the_fused_update(monkeypatch, split_lr):
     prob = MLPProblem()
     w1, b1, w2, b2 = prob.params
     lr2 = 0.5 if split_lr else 0.7
-    opt = RankOneNewton(
+    opt = PaperRankOneNewton(
         [{"params": [w1, b1]}, {"params": [w2, b2], "lr": lr2}],
         lr=0.7,
         damping=0.4,

@@ -80,6 +80,18 @@ def randn_like(like: Sequence[Tensor], generator: torch.Generator | None = None)
     ]
 
 
+def rademacher_like(like: Sequence[Tensor], generator: torch.Generator | None = None) -> TensorList:
+    """Random signs ``±1`` shaped like ``like`` (drawn like :func:`randn_like`): ``E[u uᵀ] = I``,
+    the lowest-variance Hutchinson probe of a diagonal."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return [
+        (torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1).to(
+            p.device
+        )
+        for p in like
+    ]
+
+
 def flatten(xs: Sequence[Tensor]) -> Tensor:
     """Concatenate into one 1-D tensor (for dense references and small problems only)."""
     return torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0)

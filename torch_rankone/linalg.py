@@ -43,6 +43,7 @@ __all__ = [
     "NeumannDivergenceError",
     "lowrank_solve",
     "lowrank_spectrum",
+    "shifted_lowrank_solve",
     "NeumannResult",
     "neumann_series",
     "neumann_ritz_values",
@@ -221,6 +222,31 @@ def lowrank_solve(
     return y[0] if single else y
 
 
+def shifted_lowrank_solve(
+    g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], C: Tensor, shift: Sequence[Tensor]
+) -> tuple[TensorList, Tensor]:
+    """``y = (Λ + U C Uᵀ)⁻¹ g`` for a positive diagonal ``Λ``, without checks or host syncs.
+
+    ``shift[t]`` gives ``Λ`` on tensor ``t``: a 0-d tensor (constant there) or a tensor shaped
+    like ``g[t]`` (its diagonal). One shared 0-d shift ``c`` is the plain Woodbury solve
+    ``(cI + U C Uᵀ)⁻¹ g`` (the compiled op where it applies); otherwise the system is rescaled,
+    ``(I + Λ^{-1/2} U C Uᵀ Λ^{-1/2}) z = Λ^{-1/2} g``, ``y = Λ^{-1/2} z``, which is again a
+    shift of 1 plus rank ``k``. Returns ``(y, finite)``: ``finite`` is a 0-d bool tensor, False
+    when the ``k×k`` system or its inputs were not finite (``y`` is then non-finite too).
+    """
+    g = list(g)
+    if all(s is shift[0] for s in shift) and shift[0].dim() == 0:
+        w, c = None, shift[0]
+    else:
+        w = torch._foreach_rsqrt(list(shift))
+        g, U, c = torch._foreach_mul(g, w), [torch._foreach_mul(list(u), w) for u in U], 1.0
+    G, b = _ext.lowrank_gram(g, U)
+    a = _ext.lowrank_coefficients(G, b, C, c)
+    y = _ext._apply(g, U, a, c)
+    finite = torch.isfinite(G).all() & torch.isfinite(b).all() & torch.isfinite(a).all()
+    return (y if w is None else torch._foreach_mul(y, w)), finite
+
+
 # --------------------------------------------------------------------------------------------
 # Neumann series, LiSSA, CG
 # --------------------------------------------------------------------------------------------
@@ -256,6 +282,8 @@ def neumann_series(
     num_terms: int,
     scale: float | Tensor,
     damping: float | Tensor = 0.0,
+    *,
+    max_quotient: float = 1.0,
 ) -> NeumannResult:
     """Truncated Neumann series for ``(H + λI)⁻¹ v`` with on-device divergence flags.
 
@@ -266,7 +294,9 @@ def neumann_series(
     ``p_k = p_{k−1} + d_k``, which exposes ``A d`` at every step. The ``d_k`` are power iterates
     of ``I − A``: they concentrate on the directions where the series fails. ``diverged`` is set
     (on device) when a Rayleigh quotient ``dᵀAd/dᵀd`` is ``≤ 0`` (``H + λI`` not positive
-    definite) or ``> 1`` (``s < λ_max(H + λI)``), an increment grows, or a value is non-finite.
+    definite) or ``> max_quotient`` (default 1: ``s < λ_max(H + λI)``; the series itself
+    converges while every eigenvalue of ``A`` is below 2, so ``max_quotient ≤ 2`` tolerates a
+    slightly small ``s``), an increment grows, or a value is non-finite.
     :func:`neumann_ihvp` adds the Ritz-value test, which also sees a too-small ``s`` that the
     iterates alone would miss.
     """
@@ -305,7 +335,7 @@ def neumann_series(
     rayleigh = _rayleigh_quotients(m, am)
     live = m[0::2] > 0  # an exactly vanished increment means the series terminated: fine
     diverged = (
-        (live & ((rayleigh <= 0) | (rayleigh > 1 + tiny))).any()
+        (live & ((rayleigh <= 0) | (rayleigh > max_quotient + tiny))).any()
         | (norms_sq[1:] > norms_sq[:-1] * (1 + tiny)).any()
         | ~torch.isfinite(norms_sq).all()
         | ~torch.isfinite(am).all()

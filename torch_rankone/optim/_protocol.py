@@ -112,6 +112,7 @@ def evaluate(
     hvp_mode: str,
     *,
     need_hvp: bool = True,
+    module: Any = None,
 ) -> Evaluation:
     """Obtain loss, gradient and HVP function from the source the caller provided (SPEC §4).
 
@@ -209,6 +210,14 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, strict: bool = False
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (strict and value == low):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+def check_update_extras(weight_decay: Any, momentum: Any) -> None:
+    """Validate decoupled ``weight_decay`` (≥ 0) and ``momentum`` (in ``[0, 1)``)."""
+    check_hyper("weight_decay", weight_decay)
+    check_hyper("momentum", momentum)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be < 1 (an exponential average), got {momentum}")
 
 
 class SecondOrderOptimizer(torch.optim.Optimizer):
@@ -340,8 +349,32 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     # ---- the update -----------------------------------------------------------------------------
 
+    def _momentum_gradient(self, groups: list[list[Tensor]], g: TensorList) -> TensorList:
+        """``m̂_t = m_t/(1 − β^t)``, ``m_t = β m_{t−1} + (1 − β) g_t`` per group with
+        ``momentum = β > 0`` (Adam's first moment: ``lr`` keeps its meaning), else ``g``.
+
+        The preconditioner is applied to ``m̂`` (as AdaHessian does). The buffers are committed by
+        :meth:`_count_step` only where the step is applied, so a skipped step changes nothing.
+        """
+        self._pending_momentum = []
+        if not any(group.get("momentum", 0.0) for group in self.param_groups):
+            return g
+        t = self._counter("step", g[0]) + 1  # counting this step, on device
+        out = []
+        for ps, gs, group in zip(groups, split_groups(g, groups), self.param_groups):
+            beta = group.get("momentum", 0.0)
+            if not (beta and ps):
+                out += gs
+                continue
+            bufs = [self._momentum_buffer(p) for p in ps]
+            new = [m.lerp(gi, 1 - beta) for m, gi in zip(bufs, gs)]
+            self._pending_momentum += zip(bufs, new)
+            out += torch._foreach_div(new, (1 - beta**t).to(gs[0].dtype))
+        return out
+
     def _apply_masked(self, groups: list[list[Tensor]], step: list[TensorList], ok: Tensor) -> None:
-        """``p ← p − lr_g · y`` for every group, or nothing at all where ``ok`` is False.
+        """``p ← p·(1 − lr_g·wd_g) − lr_g · y`` for every group, or nothing at all where ``ok``
+        is False. ``wd`` is decoupled weight decay (AdamW).
 
         ``torch.where`` (not a multiplication by 0, which would keep NaN) keeps a non-finite
         step out of the parameters without a host synchronisation, like GradScaler's found-inf.
@@ -350,12 +383,74 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if not g_params:
                 continue
             lr = torch.as_tensor(group["lr"], dtype=g_params[0].dtype, device=g_params[0].device)
+            decay = group.get("weight_decay", 0.0)
+            if decay:
+                torch._foreach_mul_(g_params, torch.where(ok, 1 - lr * decay, 1.0))
             for p, yp in zip(g_params, y):
                 p.sub_(torch.where(ok, yp * lr, 0.0))
         self._count_step(ok, groups_first(groups))
 
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def _uses_weight_decay(self, groups: list[list[Tensor]]) -> bool:
+        """Whether any non-empty group uses weight decay (the fused kernel does not)."""
+        return any(
+            group.get("weight_decay", 0.0)
+            for group, ps in zip(self.param_groups, groups)
+            if ps
+        )
+
+    # ---- run-time health: counters checked at a few documented sync points -------------------
+
+    #: counter → (what it means, how to fix it); checked by :meth:`_check_health`
+    _health_counters: dict[str, tuple[str, str]] = {
+        "skipped_steps": (
+            "non-finite loss, gradient or curvature: the step was skipped",
+            "lower lr, check the data and loss for inf/NaN, or use float32/float64",
+        ),
+    }
+    #: calls between health checks once the power-of-two schedule (calls 1, 2, 4, …) has passed
+    health_check_every: int = 100
+
+    def _is_sync_point(self, call: int) -> bool:
+        """Calls at which :meth:`_check_health` reads the counters (one host sync each):
+        1, 2, 4, 8, … up to ``health_check_every``, then every ``health_check_every`` calls."""
+        every = self.health_check_every
+        return call > 0 and ((call & (call - 1) == 0 and call < every) or call % every == 0)
+
+    def _check_health(self, call: int) -> None:
+        """At a sync point, warn (at the user's line of code) when, since the previous check,
+        any step was skipped or most steps fell back / had a safeguard fire."""
+        if not self._is_sync_point(call):
+            return
+        last_call, last = getattr(self, "_health_seen", (0, {}))
+        since = call - last_call
+        seen = {}
+        for key, (meaning, fix) in self._health_counters.items():
+            if key not in self.state:
+                continue
+            seen[key] = int(self.state[key])  # the sync
+            new = seen[key] - last.get(key, 0)
+            if new > 0 and (key == "skipped_steps" or 2 * new > since):
+                from .._warnings import warn_at_caller
+
+                warn_at_caller(
+                    f"{type(self).__name__}: {new} of the last {since} step(s) — {meaning} "
+                    f"(state[{key!r}] = {seen[key]}). Fix: {fix}.",
+                    RuntimeWarning,
+                )
+        self._health_seen = (call, seen)
+
     def _count_step(self, ok: Tensor, like: Tensor) -> None:
-        """``state["step"] += ok``, ``state["skipped_steps"] += not ok`` (on device)."""
+        """``state["step"] += ok``, ``state["skipped_steps"] += not ok`` (on device), and the
+        momentum buffers of :meth:`_momentum_gradient` committed where ``ok``."""
+        for m, new in getattr(self, "_pending_momentum", ()):
+            m.copy_(torch.where(ok, new, m))
+        self._pending_momentum = []
         self._counter("step", like).add_(ok.to(torch.int64))
         self._counter("skipped_steps", like).add_((~ok).to(torch.int64))
 

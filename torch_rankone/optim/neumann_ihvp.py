@@ -11,7 +11,6 @@ iteration (``1.05·|λ_max(H + λI)|``) and refreshed every ``scale_refresh`` st
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,72 +24,144 @@ from ._protocol import (
     SecondOrderOptimizer,
     all_finite,
     check_hyper,
+    check_update_extras,
     evaluate,
     split_groups,
 )
 
 __all__ = ["NeumannIHVP"]
 
+_DEFAULT_RELATIVE_DAMPING = 1.0
+
 
 class NeumannIHVP(SecondOrderOptimizer):
-    r"""Newton-type optimizer with a truncated Neumann-series inverse Hessian (SPEC §4.3).
+    r"""Newton-type optimizer with a truncated Neumann-series inverse Hessian.
 
     .. math::
-        y = \frac1s \sum_{j=0}^{K} \Bigl(I - \frac{H + \lambda I}{s}\Bigr)^j \nabla f(x),
-        \qquad x \leftarrow x - \mathrm{lr}\, y
+        y = \frac1s \sum_{j=0}^{K} \Bigl(I - \frac{H + \lambda I}{s}\Bigr)^j \hat m,
+        \qquad x \leftarrow x - \mathrm{lr}\,\gamma\, y
+
+    (Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine learning in
+    linear time", JMLR 2017; Koh & Liang, 2017). The series converges for ``H + λI`` positive
+    definite and ``s > λ_max(H + λI)``; ``ŝ = 1.05·|λ_max(H)|`` is estimated by power iteration.
+    ``m̂`` is the gradient, or its bias-corrected average with ``momentum > 0``.
+
+    ``damping_mode="relative"`` (default): ``ŝ = 1.5·|λ_max(H)|`` (a margin for the variation of
+    mini-batch curvature), ``λ = damping · ŝ``, ``s = ŝ + λ`` and ``γ = λ``. Along
+    directions of (nearly) zero curvature the step is then ``lr·(1 − (1 − λ/s)^{K+1})·g ≈ lr·g``
+    — ``lr`` is an SGD learning rate — while directions of curvature ``μ`` get
+    ``lr·λ/(μ + λ)·g``; ``H`` may have negative eigenvalues down to ``−λ`` before the series
+    diverges. ``damping_mode="fixed"``: ``λ = damping`` (absolute), ``s`` = ``scale`` or
+    ``1.05·|λ_max(H + λI)|``, ``γ = 1`` — the series as written (``lr = 1`` is the truncated
+    Newton step).
+
+    Tuning rule: start from the defaults; divide ``lr`` by 3 if the loss is noisy or rises,
+    multiply it by 3 if it falls steadily but slowly; lower ``damping`` for more curvature
+    correction (fewer directions treated like SGD), raise it if fallbacks are reported.
 
     Args:
-        lr: step size (per group).
-        damping: ``λ`` added to the Hessian.
+        lr: step size (per group; default 0.1).
+        damping: relative (default 1) or absolute ``λ`` (``damping_mode="fixed"``).
         num_terms: ``K``, HVPs per step.
-        scale: ``s``; ``None`` estimates ``1.05·|λ_max(H + λI)|`` by power iteration (20 HVPs,
-            host synchronisation) at the first step and every ``scale_refresh`` steps.
+        scale: ``s`` (fixed mode only); ``None`` estimates it by power iteration (20 HVPs, host
+            synchronisation) at the first step and every ``scale_refresh`` steps.
         hvp: curvature source ``"auto" | "exact" | "fd"`` (as for :class:`RankOneNewton`).
+        damping_mode: ``"relative"`` or ``"fixed"``.
+        momentum: ``β`` of the bias-corrected gradient average (default 0).
+        weight_decay: decoupled weight decay (AdamW).
         process_group: average gradients and HVPs over this group (default: the world group
             whenever ``torch.distributed`` is initialised).
+        module: the model, for finite-difference HVPs (buffers advance once per step).
 
-    Divergence (a Rayleigh quotient of ``A`` outside ``(0, 1]`` along the series' iterates, a
-    growing term, or a non-finite value) is detected on device; that step falls back to the
-    damped gradient step ``y = g/s`` — never a NaN update — and ``state["neumann_fallbacks"]``
-    counts it. With an estimated scale, a quotient ``r > 1`` also raises ``s`` to ``1.05·r·s``
-    for the following steps (on device; the curvature grew since the last estimate). The
-    ``RuntimeWarning`` about fallbacks is emitted at the next scheduled sync point (every
-    ``scale_refresh`` calls), so the other steps stay free of host syncs. Non-finite losses and
-    gradients are masked as for the other optimizers (``state["skipped_steps"]``).
+    Divergence (a Rayleigh quotient of ``A = (H + λI)/s`` outside ``(0, 2)`` along the series'
+    iterates — the series converges while ``A``'s eigenvalues lie there —, a growing term, or a
+    non-finite value) is detected on device; that step falls back
+    to the damped gradient step ``y = g/s`` and ``state["neumann_fallbacks"]`` counts it. With an
+    estimated scale, a quotient ``r > 1`` also raises ``s`` to ``1.05·r·s`` for the following
+    steps (on device; the curvature grew since the last estimate). Fallbacks on most steps and
+    skipped steps are reported by a ``RuntimeWarning`` at the sync points of
+    :meth:`SecondOrderOptimizer._check_health` (calls 1, 2, 4, …, then every ``scale_refresh``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_rankone import NeumannIHVP
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> opt = NeumannIHVP(model.parameters())
+        >>> first = torch.nn.functional.mse_loss(model(x), y).item()
+        >>> for _ in range(30):
+        ...     loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        >>> loss.item() < first
+        True
     """
 
-    _per_group = ("lr",)
+    _per_group = ("lr", "momentum", "weight_decay")
+    _health_counters = {
+        **SecondOrderOptimizer._health_counters,
+        "neumann_fallbacks": (
+            "the Neumann series diverged and the step fell back to g/s",
+            "raise damping (H + λI must be positive definite)",
+        ),
+    }
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 1.0,
-        damping: float = 0.0,
+        lr: float = 0.1,
+        damping: float | None = None,
         num_terms: int = 10,
         scale: float | None = None,
         scale_refresh: int = 100,
         hvp: str = "auto",
         *,
+        damping_mode: str = "relative",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
         process_group: Any = None,
         generator: torch.Generator | None = None,
+        module: torch.nn.Module | None = None,
     ) -> None:
+        if damping_mode not in ("relative", "fixed"):
+            raise ValueError(f"damping_mode must be 'relative' or 'fixed', got {damping_mode!r}")
+        if damping is None:
+            damping = _DEFAULT_RELATIVE_DAMPING if damping_mode == "relative" else 0.0
         check_hyper("lr", lr)
-        check_hyper("damping", damping)
+        check_hyper("damping", damping, strict=damping_mode == "relative")
+        check_update_extras(weight_decay, momentum)
         if not isinstance(num_terms, int) or num_terms < 1:
             raise ValueError(f"num_terms must be an int >= 1, got {num_terms!r}")
         if scale is not None:
             check_hyper("scale", scale, strict=True)
+            if damping_mode == "relative":
+                raise ValueError(
+                    "scale is estimated in damping_mode='relative'; pass damping_mode='fixed' "
+                    "to give it"
+                )
         if not isinstance(scale_refresh, int) or scale_refresh < 1:
             raise ValueError(f"scale_refresh must be an int >= 1, got {scale_refresh!r}")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        defaults = dict(lr=lr, damping=damping, num_terms=num_terms, scale=scale)
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            num_terms=num_terms,
+            scale=scale,
+            damping_mode=damping_mode,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
         for group in self.param_groups:
             check_hyper("param group lr", group["lr"])
+            check_update_extras(group["weight_decay"], group["momentum"])
         self.hvp_mode = hvp
         self.scale_refresh = scale_refresh
-        self._reported_fallbacks = 0
+        self.health_check_every = scale_refresh
+        self.module = module
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
@@ -101,18 +172,25 @@ class NeumannIHVP(SecondOrderOptimizer):
             return None
         self._sync_generator()
         opts = self.param_groups[0]
-        ev = evaluate(params, closure, self.hvp_mode)
+        call = self._next_call()
+        self._check_health(call)
+        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
         g, loss = self._average_with_loss(ev.grads, ev.loss)
+        m = self._momentum_gradient(groups, g)
 
         def hvp(v):
             return self._average(ev.hvp_fn(v))
 
-        call = self._next_call()
-        if call % self.scale_refresh == 0:
-            self._report_fallbacks()  # a scheduled sync point: surface earlier fallbacks
+        relative = opts["damping_mode"] == "relative"
         s = self._scale(hvp, g, opts, refresh=call % self.scale_refresh == 0)
-        res = neumann_series(hvp, g, opts["num_terms"], s, opts["damping"])
-        y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(g, res.solution)]
+        # relative: s = ŝ(1 + damping) and λ = damping·ŝ, so λ/s is constant
+        lam = s * (opts["damping"] / (1 + opts["damping"])) if relative else opts["damping"]
+        # The series converges while A's eigenvalues stay below 2: a quotient in (1, 2) (an
+        # estimated s that went stale by less than 2×) raises s below but needs no fallback.
+        res = neumann_series(hvp, m, opts["num_terms"], s, lam, max_quotient=2.0)
+        y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(m, res.solution)]
+        if relative:
+            y = torch._foreach_mul(y, lam)
         if opts["scale"] is None:
             self._raise_stale_scale(res, s)
         fallbacks = self._counter("neumann_fallbacks", params[0])
@@ -127,7 +205,8 @@ class NeumannIHVP(SecondOrderOptimizer):
         if opts["scale"] is not None:
             return torch.as_tensor(opts["scale"], dtype=like[0].dtype, device=like[0].device)
         if "scale" not in self.state or refresh:
-            lam = opts["damping"]
+            relative = opts["damping_mode"] == "relative"
+            lam = 0.0 if relative else opts["damping"]
             top = power_iteration(
                 lambda v: torch._foreach_add(hvp(v), torch._foreach_mul(v, lam)),
                 like,
@@ -136,7 +215,14 @@ class NeumannIHVP(SecondOrderOptimizer):
                 generator=self.generator,
                 warn=False,
             )
-            self.state["scale"] = 1.05 * top.eigenvalue.abs().to(like[0].device, like[0].dtype)
+            lam_max = top.eigenvalue.abs().to(like[0].device, like[0].dtype)
+            if relative:  # ŝ = 1.5·|λ_max(H)|: mini-batch curvature varies between batches
+                s = (1.5 * lam_max * (1 + opts["damping"])).clamp_min(
+                    torch.finfo(lam_max.dtype).tiny
+                )
+            else:
+                s = 1.05 * lam_max
+            self.state["scale"] = s
         return self.state["scale"]
 
     def _raise_stale_scale(self, res, s: Tensor) -> None:
@@ -144,21 +230,9 @@ class NeumannIHVP(SecondOrderOptimizer):
         quotient ``r = dᵀAd/dᵀd > 1`` along the series proves ``λ_max(H + λI) ≥ r·s``: raise
         ``s`` to ``1.05·r·s`` at once, on device (no sync), instead of falling back until the
         next refresh. Quotients ``≤ 0`` (negative curvature) are left to the fallback: no scale
-        helps there. Beyond the seed; only for ``scale=None``."""
+        helps there. Beyond the original method; only for an estimated scale."""
         quotients = res.rayleigh_quotients
         top = torch.nan_to_num(quotients, nan=0.0, posinf=0.0).max() if quotients.numel() else None
         if top is not None:
             raised = torch.where(top > 1, 1.05 * top.to(s.dtype) * s, s)
             self.state["scale"] = raised
-
-    def _report_fallbacks(self) -> None:
-        count = int(self.state["neumann_fallbacks"]) if "neumann_fallbacks" in self.state else 0
-        if count > self._reported_fallbacks:
-            warnings.warn(
-                f"NeumannIHVP: the Neumann series diverged in {count - self._reported_fallbacks} "
-                "step(s), which fell back to the damped gradient step g/s. Increase damping "
-                "(H + λI must be positive definite) or the scale.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self._reported_fallbacks = count

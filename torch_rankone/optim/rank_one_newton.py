@@ -22,13 +22,15 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._tensorlist import TensorList, dot, norm, numel, randn_like
+from .._tensorlist import TensorList, dot, norm, numel, rademacher_like, randn_like
 from ..curvature import power_iteration
+from ..linalg import shifted_lowrank_solve
 from ._protocol import (
     HVP_MODES,
     SecondOrderOptimizer,
     all_finite,
     check_hyper,
+    check_update_extras,
     evaluate,
     split_groups,
 )
@@ -52,92 +54,190 @@ def _symmetrised_outer_coefficients(n: int) -> Tensor:
 def rank_one_newton_direction(
     g: TensorList, h: TensorList, u: TensorList, c: list[Tensor]
 ) -> tuple[TensorList, Tensor]:
-    """``y = (S + Λ)⁻¹ g`` with ``S = (N/2)(h uᵀ + u hᵀ)`` and ``Λ`` diagonal, constant per tensor.
+    """``y = (S + Λ)⁻¹ g`` with ``S = (N/2)(h uᵀ + u hᵀ)`` and ``Λ`` diagonal, constant per tensor
+    (``c[t]`` on tensor ``t``): a rank-2 Woodbury solve. Returns ``(y, coefficients_finite)``."""
+    return shifted_lowrank_solve(g, [h, u], _symmetrised_outer_coefficients(numel(g)), c)
 
-    ``c[t]`` is the diagonal value on tensor ``t``. For one shared value this is a plain rank-2
-    Woodbury solve; otherwise the system is rescaled, ``(I + Λ^{-1/2} S Λ^{-1/2}) z = Λ^{-1/2} g``,
-    ``y = Λ^{-1/2} z``, which is again ``c = 1`` plus rank 2. Returns ``(y, coefficients_finite)``
-    — the flag is False when the ``2×2`` system or its inputs were non-finite.
+
+def nystrom_core(omega: list[TensorList], y: list[TensorList], rcond: float = 1e-6) -> Tensor:
+    """``C = (ΩᵀY)₊⁺`` for the Nyström approximation ``Y C Yᵀ ≈ H`` from sketches ``Y = HΩ``.
+
+    ``ΩᵀY`` is symmetrised and only its eigenvalues above ``rcond·max|θ|`` are inverted (the
+    others, negative curvature included, are dropped), so ``Y C Yᵀ`` is positive semi-definite
+    and equals ``H`` on the sketched directions where ``H`` is positive definite (Frangella,
+    Tropp & Udell, "Randomized Nyström preconditioning", 2023). ``k×k``, float64, on device.
     """
-    C = _symmetrised_outer_coefficients(numel(g))
-    if all(ci is c[0] for ci in c):
-        G, b = _ext.lowrank_gram(g, [h, u])
-        a = _ext.lowrank_coefficients(G, b, C, c[0])
-        y = _ext._apply(g, [h, u], a, c[0])
-    else:
-        w = [ci.rsqrt() for ci in c]
-        g_s, h_s, u_s = (torch._foreach_mul(v, w) for v in (g, h, u))
-        G, b = _ext.lowrank_gram(g_s, [h_s, u_s])
-        a = _ext.lowrank_coefficients(G, b, C, 1.0)
-        y = torch._foreach_mul(_ext._apply(g_s, [h_s, u_s], a, 1.0), w)
-    return y, all_finite(G, b, a)
+    k = len(omega)
+    W = torch.stack(
+        [
+            torch.stack([dot(omega[i], y[j], dtype=torch.float64) for j in range(k)])
+            for i in range(k)
+        ]
+    )
+    theta, Q = torch.linalg.eigh((W + W.T) / 2)
+    keep = theta > rcond * theta.abs().max()
+    inv = torch.where(keep, 1 / torch.where(keep, theta, 1.0), 0.0)
+    return (Q * inv) @ Q.T
+
+
+PRECONDITIONERS = ("diag+lowrank", "isotropic")
+_DEFAULT_DAMPING = {"diag+lowrank": 1e-8, "isotropic": 4.0}  # relative mode
 
 
 class RankOneNewton(SecondOrderOptimizer):
-    r"""Newton-type optimizer with a random rank-one Hessian estimate (SPEC §4.1, seed 000).
+    r"""Newton-type optimizer from one Hessian-vector product per step.
+
+    Two preconditioners share the HVP ``h = H u`` of a random probe ``u``:
+
+    **Diagonal plus low rank** (``preconditioner="diag+lowrank"``, the default). ``u`` has random
+    signs, so ``u ⊙ h`` is a Hutchinson sample of ``diag(H)`` (Bekas, Kokiopoulou & Saad, 2007);
+    its bias-corrected exponential average of squares gives the positive diagonal
+    ``Λ = sqrt(v_t/(1 − β₂^t))``, ``v_t = β₂ v_{t−1} + (1 − β₂)(u ⊙ h)²`` (as AdaHessian, Yao et
+    al., 2021). The last ``rank`` sketches ``Ω = [u_1..u_k]``, ``Y = [h_1..h_k]`` add the Nyström
+    approximation ``Y (ΩᵀY)₊⁺ Yᵀ`` of ``H`` (positive semi-definite, exact on the sketched
+    directions; Frangella, Rathore, Zhao & Udell, "SketchySGD", 2024):
 
     .. math::
-        u \sim \mathrm{Unif}(S^{N-1}),\quad h = \nabla^2 f(x) u,\quad
-        S = \tfrac{N}{2}(h u^\top + u h^\top),\quad
-        x \leftarrow x - \mathrm{lr}\,(S + (\delta + \alpha) I)^{-1} \nabla f(x)
+        y = \bigl(\Lambda + \delta I + Y (\Omega^\top Y)_+^{+} Y^\top\bigr)^{-1} g,
+        \qquad x \leftarrow x - \mathrm{lr}\,\hat m, \quad
+        \hat m = \text{bias-corrected EMA}_{\beta}(y)
 
-    One HVP per step; the solve is a rank-2 Woodbury update (``O(N)``, no ``N×N`` matrix).
+    solved by Woodbury in the ``(Λ + δI)^{-1/2}``-scaled space. ``lr`` is the fraction of this
+    Newton-type step (as AdaHessian's), ``δ = damping · mean(Λ)`` (``damping_mode="relative"``)
+    or ``δ = damping`` (``"fixed"``), and ``momentum`` is ``β`` (default 0.9).
+
+    **Isotropic** (``preconditioner="isotropic"``): the rank-one method of A. Semenov, "Rank-one
+    approximation of the Hessian" (2025). ``u ~ Unif(S^{N−1})`` and
+
+    .. math::
+        S = \tfrac{N}{2}(h u^\top + u h^\top),\qquad
+        x \leftarrow x - \mathrm{lr}\,\gamma\,(S + c I)^{-1} \nabla f(x),\quad c = \delta + \alpha
+
+    by a rank-2 Woodbury solve (fused with the update when all groups share ``lr`` and ``c``).
+    ``E[N H u uᵀ] = H``; ``S``'s eigenvalues ``(N/2)(h·u ± ‖h‖)`` grow like ``N‖h‖/2``, so a fixed
+    ``α`` is swamped on real networks. ``damping_mode="relative"`` (default) scales it:
+    ``α = damping · (N/2)‖h‖`` and ``γ = c``, so the step along every direction ``S`` does not see
+    is exactly ``lr · g`` — ``lr`` is an SGD learning rate and the curvature only shortens the
+    step along ``u`` and ``h`` (with ``damping ≥ 4``, ``I + S/c`` has eigenvalues in
+    ``[1/2, 3/2]`` and the safeguard never fires). ``"fixed"`` (``α = damping``, ``γ = 1``) and
+    ``"theory"`` (the slides' Lemma, ``α = sqrt(M‖g‖/2) + sqrt(λ_max² N(N−1) + Nδ²)``) are the
+    paper's formulas, exactly.
+
+    Tuning rule: start from the defaults; if the loss is noisy or rises, divide ``lr`` by 3; if
+    it falls steadily but slowly, multiply it by 3. ``damping`` is relative (dimensionless) and
+    rarely needs changing; raise it to make steps more conservative.
 
     Args:
-        params: parameters or param groups; groups may set their own ``lr``, ``damping`` and
-            ``delta`` (the diagonal ``δ + α`` is then constant per group, solved exactly).
-        lr: step size (1 = the Newton step).
-        damping: ``α`` for ``damping_mode="fixed"``.
-        delta: ``δ``, the regulariser added to ``S`` (``D = S + δI``).
-        damping_mode: ``"fixed"`` (``α = damping``) or ``"theory"``: the slides' Lemma,
-            ``α_k = sqrt(M‖g_k‖/2) + σ``, ``σ = sqrt(λ_max² N(N−1) + Nδ²)`` — very conservative for
-            large ``N`` (σ grows like ``N λ_max``).
+        params: parameters or param groups; groups may set ``lr``, ``damping``, ``delta``,
+            ``momentum`` and ``weight_decay``.
+        lr: step size (see above; default 0.1).
+        damping: ``None`` picks the mode's default: relative ``1e-3`` (diag+lowrank), ``4``
+            (isotropic); ``1e-3`` for ``damping_mode="fixed"``.
+        delta: ``δ`` added to the curvature estimate (``D = S + δI``), absolute.
+        damping_mode: ``"relative"`` (default), ``"fixed"`` or ``"theory"`` (isotropic only).
         hessian_lipschitz: ``M`` (required for ``"theory"``).
         lambda_max: ``λ_max`` bound for ``"theory"``; ``None`` estimates ``|λ_max(H)|`` by power
-            iteration on HVPs at the first step and every ``lambda_max_refresh`` steps (those
-            steps synchronise with the host; 20 HVPs each by default).
-        safeguard: ``S`` has exactly one negative eigenvalue ``μ₋ = (N/2)(h·u − ‖h‖)``, so
-            ``D + αI`` is indefinite when ``c = δ + α ≤ |μ₋|`` and nearly singular just above.
-            The safeguard raises ``c`` to ``max(c, |μ₋| + c/2)`` (for groups: all ``c`` by the
-            shift the smallest needs), so the smallest eigenvalue is always at least ``c/2``,
-            continuously in ``μ₋``; it fires when ``|μ₋| > c/2`` (counted in
-            ``state["safeguard_hits"]``). Beyond the slides; ``False`` follows the formula as
-            written.
+            iteration at the first step and every ``lambda_max_refresh`` steps (host syncs).
+        safeguard: isotropic mode: ``S`` has exactly one negative eigenvalue
+            ``μ₋ = (N/2)(h·u − ‖h‖)``; the safeguard raises ``c`` to ``max(c, |μ₋| + c/2)`` so the
+            smallest eigenvalue is at least ``c/2``, continuously in ``μ₋`` (counted in
+            ``state["safeguard_hits"]``). Beyond the slides; ``False`` follows the formula.
         hvp: curvature source, ``"auto" | "exact" | "fd"`` (see :mod:`torch_rankone.optim`).
-        generator: random source for ``u`` (default: owned, seeded from ``torch.initial_seed()``,
-            saved in ``state_dict``).
+        generator: random source for ``u`` (default: owned, saved in ``state_dict``).
+        preconditioner: ``"diag+lowrank"`` (default) or ``"isotropic"``.
+        rank: diag+lowrank: number of sketches in the Nyström part (``0``: diagonal only; each
+            sketch beyond the current one keeps two parameter-sized vectors).
+        beta2: diag+lowrank: ``β₂`` of the diagonal's average.
+        momentum: ``β`` of the bias-corrected average of the direction (``None``: 0.9 for
+            diag+lowrank, 0 for isotropic).
+        weight_decay: decoupled weight decay, ``x ← x(1 − lr·wd)`` (AdamW).
         process_group: average gradients and HVPs over this group (default: the world group
             whenever ``torch.distributed`` is initialised).
-        lambda_max_refresh: steps between power-iteration estimates of ``λ_max``.
+        lambda_max_refresh: steps between power-iteration estimates of ``λ_max`` (theory mode).
+        module: the model, for finite-difference HVPs: its buffers (BatchNorm statistics) then
+            advance once per step.
 
     State: ``state["step"]``, ``state["skipped_steps"]`` (non-finite steps, masked on device),
-    ``state["safeguard_hits"]``, ``state["damping"]`` (the last ``c = δ + α`` used, raised by the
-    safeguard if it fired), ``state["lambda_max"]``.
+    ``state["safeguard_hits"]``, ``state["damping"]`` (the last shift ``c`` or ``δ``),
+    ``state["lambda_max"]``; per parameter ``"hessian_sq_avg"`` (``v``), ``"momentum_buffer"``.
+    Skipped steps and a safeguard firing on most steps are reported by a ``RuntimeWarning`` at
+    the sync points of :meth:`SecondOrderOptimizer._check_health` (calls 1, 2, 4, …, then every
+    100); other steps never synchronise with the host.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_rankone import RankOneNewton
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> opt = RankOneNewton(model.parameters())
+        >>> first = torch.nn.functional.mse_loss(model(x), y).item()
+        >>> for _ in range(50):
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward(create_graph=True)  # the HVP comes from this graph
+        ...     opt.step()
+        >>> torch.nn.functional.mse_loss(model(x), y).item() < first
+        True
     """
 
-    _per_group = ("lr", "damping", "delta")
+    _per_group = ("lr", "damping", "delta", "momentum", "weight_decay")
+    _health_counters = {
+        **SecondOrderOptimizer._health_counters,
+        "safeguard_hits": (
+            "the safeguard raised c (the rank-one estimate was indefinite or nearly singular)",
+            "raise damping, or use damping_mode='relative' (damping >= 4 never needs it)",
+        ),
+    }
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 1.0,
-        damping: float = 1e-3,
+        lr: float = 0.1,
+        damping: float | None = None,
         delta: float = 0.0,
-        damping_mode: str = "fixed",
+        damping_mode: str = "relative",
         hessian_lipschitz: float | None = None,
         lambda_max: float | None = None,
         safeguard: bool = True,
         hvp: str = "auto",
         generator: torch.Generator | None = None,
         *,
+        preconditioner: str = "diag+lowrank",
+        rank: int = 1,
+        beta2: float = 0.999,
+        momentum: float | None = None,
+        weight_decay: float = 0.0,
         process_group: Any = None,
         lambda_max_refresh: int = 100,
+        module: torch.nn.Module | None = None,
     ) -> None:
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}"
+            )
+        if damping_mode not in ("relative", "fixed", "theory"):
+            raise ValueError(
+                f"damping_mode must be 'relative', 'fixed' or 'theory', got {damping_mode!r}"
+            )
+        if damping_mode == "theory" and preconditioner != "isotropic":
+            raise ValueError(
+                "damping_mode='theory' is the isotropic method's (preconditioner='isotropic')"
+            )
+        if damping is None:
+            damping = _DEFAULT_DAMPING[preconditioner] if damping_mode == "relative" else 1e-3
+        if momentum is None:
+            momentum = 0.9 if preconditioner == "diag+lowrank" else 0.0
         check_hyper("lr", lr)
         check_hyper("damping", damping)
         check_hyper("delta", delta)
-        if damping_mode not in ("fixed", "theory"):
-            raise ValueError(f"damping_mode must be 'fixed' or 'theory', got {damping_mode!r}")
+        check_update_extras(weight_decay, momentum)
+        check_hyper("beta2", beta2)
+        if beta2 >= 1:
+            raise ValueError(f"beta2 must be < 1, got {beta2}")
+        if not isinstance(rank, int) or not 0 <= rank <= _ext.MAX_RANK:
+            raise ValueError(f"rank must be an int in [0, {_ext.MAX_RANK}], got {rank!r}")
         if damping_mode == "theory":
             if hessian_lipschitz is None:
                 raise ValueError("damping_mode='theory' needs hessian_lipschitz (M)")
@@ -148,6 +248,8 @@ class RankOneNewton(SecondOrderOptimizer):
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not isinstance(lambda_max_refresh, int) or lambda_max_refresh < 1:
             raise ValueError(f"lambda_max_refresh must be an int >= 1, got {lambda_max_refresh}")
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -156,12 +258,23 @@ class RankOneNewton(SecondOrderOptimizer):
             hessian_lipschitz=hessian_lipschitz,
             lambda_max=lambda_max,
             safeguard=safeguard,
+            preconditioner=preconditioner,
+            rank=rank,
+            beta2=beta2,
+            momentum=momentum,
+            weight_decay=weight_decay,
         )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
         for group in self.param_groups:
             for key in ("lr", "damping", "delta"):
                 check_hyper(f"param group {key}", group[key])
-            if safeguard and damping_mode == "fixed" and group["delta"] + group["damping"] <= 0:
+            check_update_extras(group["weight_decay"], group["momentum"])
+            if (
+                safeguard
+                and preconditioner == "isotropic"
+                and damping_mode != "theory"
+                and group["delta"] + group["damping"] <= 0
+            ):
                 raise ValueError(
                     "safeguard=True needs delta + damping > 0 (the raised c keeps that value "
                     "as the smallest eigenvalue); set a positive damping or safeguard=False"
@@ -170,6 +283,7 @@ class RankOneNewton(SecondOrderOptimizer):
             raise ValueError("damping_mode='theory' needs the same delta in every group")
         self.hvp_mode = hvp
         self.lambda_max_refresh = lambda_max_refresh
+        self.module = module
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
@@ -180,14 +294,82 @@ class RankOneNewton(SecondOrderOptimizer):
             return None
         self._sync_generator()
         self._call = self._next_call()
-        ev = evaluate(params, closure, self.hvp_mode)
+        self._check_health(self._call)
+        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
         g, loss = self._average_with_loss(ev.grads, ev.loss)
+        m = self._momentum_gradient(groups, g)
+        if self.param_groups[0]["preconditioner"] == "isotropic":
+            self._isotropic_step(groups, params, m, loss, ev)
+        else:
+            self._diag_lowrank_step(groups, params, m, loss, ev)
+        self._detach_grads(params, g)
+        return loss
+
+    def _diag_lowrank_step(self, groups, params, g, loss, ev) -> None:
+        opts = self.param_groups[0]
+        u = rademacher_like(params, self.generator)
+        h = self._average(ev.hvp_fn(u))
+        beta2 = opts["beta2"]
+        # v_t = β₂ v + (1 − β₂)(u ⊙ h)², committed below only if the step is applied
+        v_old = [self._hessian_sq_avg(p) for p in params]
+        v = torch._foreach_mul(v_old, beta2)
+        torch._foreach_addcmul_(v, torch._foreach_mul(u, h), torch._foreach_mul(u, h), 1 - beta2)
+        t = self._counter("step", params[0]) + 1
+        diag = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype)))
+        mean_diag = torch.stack(torch._foreach_norm(diag, 1)).sum() / numel(params)
+        tiny = torch.finfo(g[0].dtype).tiny  # Λ = 0 (no curvature seen yet) still solves
+        scale = mean_diag if opts["damping_mode"] == "relative" else torch.ones_like(mean_diag)
+        shift = []
+        for group, ps, d in zip(self.param_groups, groups, split_groups(diag, groups)):
+            if ps:
+                delta = (group["damping"] * scale + group["delta"]).clamp_min(tiny)
+                shift += torch._foreach_add(d, delta)
+        omega, sketches = self._sketches(params, u, h, opts["rank"])
+        if sketches:
+            C = nystrom_core(omega, sketches)
+            y, solved = shifted_lowrank_solve(g, sketches, C, shift)
+        else:
+            y, solved = torch._foreach_div(g, shift), torch.ones((), dtype=torch.bool)
+        ok = solved.to(g[0].device) & all_finite(loss, mean_diag)
+        for vo, vn in zip(v_old, v):
+            vo.copy_(torch.where(ok, vn, vo))
+        self.state["damping"] = (mean_diag * opts["damping"]).detach()
+        self._apply_masked(groups, split_groups(y, groups), ok)
+
+    def _hessian_sq_avg(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "hessian_sq_avg" not in state:
+            state["hessian_sq_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["hessian_sq_avg"]
+
+    def _sketches(self, params, u, h, rank: int) -> tuple[list[TensorList], list[TensorList]]:
+        """The last ``rank`` sketch pairs ``(u_j, h_j)``, this step's last; older pairs are kept
+        per parameter (``state[p]["sketches"]``, shape ``(2, rank − 1, *p.shape)``)."""
+        if rank == 0:
+            return [], []
+        if rank == 1:
+            return [u], [h]
+        stores = []
+        for p in params:
+            st = self.state[p]
+            if "sketches" not in st:
+                st["sketches"] = torch.zeros(2, 0, *p.shape, dtype=p.dtype, device=p.device)
+            stores.append(st["sketches"])
+        kept = stores[0].shape[1]
+        omega = [[s[0, j] for s in stores] for j in range(kept)] + [u]
+        ys = [[s[1, j] for s in stores] for j in range(kept)] + [h]
+        for p, s, ui, hi in zip(params, stores, u, h):
+            new = torch.stack([ui, hi])[:, None]
+            self.state[p]["sketches"] = torch.cat([s, new], dim=1)[:, -(rank - 1) :]
+        return omega, ys
+
+    def _isotropic_step(self, groups, params, g, loss, ev) -> None:
         z = randn_like(params, self.generator)
         u = torch._foreach_div(z, norm(z))
         h = self._average(ev.hvp_fn(u))
         n = numel(params)
         defaults = self.param_groups[0]
-        c_groups = self._shifts(g, n, ev, defaults)
+        c_groups = self._shifts(g, h, n, ev, defaults)
 
         # Safeguard: S's only negative eigenvalue is μ₋ = (N/2)(h·u − ‖h‖‖u‖), ‖u‖ = 1. Raise
         # every c by the same shift so that the smallest c becomes max(c, |μ₋| + c/2): the
@@ -201,31 +383,44 @@ class RankOneNewton(SecondOrderOptimizer):
             c_groups = [shifted[id(c)] for c in c_groups]
             self._counter("safeguard_hits", params[0]).add_((shift > 0).to(torch.int64))
         finite = all_finite(loss, torch.stack(c_groups))
+        relative = defaults["damping_mode"] == "relative"
         lr = self._shared_lr(groups)
-        if lr is not None and all(c is c_groups[0] for c in c_groups):
+        if (
+            lr is not None
+            and all(c is c_groups[0] for c in c_groups)
+            and not self._uses_weight_decay(groups)
+        ):
             # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
             # lr = NaN vetoes the step on device when the loss or c is not finite.
-            lr = torch.where(finite, torch.as_tensor(lr, dtype=torch.float64), torch.nan)
+            lr = torch.as_tensor(lr, dtype=torch.float64, device=g[0].device)
+            if relative:
+                lr = lr * c_groups[0].to(torch.float64)
+            lr = torch.where(finite, lr, torch.nan)
             C = _symmetrised_outer_coefficients(n)
-            ok = _ext.lowrank_solve_update(params, g, [h, u], C, c_groups[0], lr.to(g[0].device))
+            ok = _ext.lowrank_solve_update(params, g, [h, u], C, c_groups[0], lr)
             self._count_step(ok, params[0])
         else:
             c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
             y, solved = rank_one_newton_direction(g, h, u, c_tensors)
+            if relative:  # γ = c: the step along directions S does not see is lr·g
+                y = torch._foreach_mul(y, c_tensors)
             self._apply_masked(groups, split_groups(y, groups), solved & finite)
         self.state["damping"] = c_groups[0].detach()
-        self._detach_grads(params, g)
-        return loss
 
-    def _shifts(self, g: TensorList, n: int, ev, defaults: dict) -> list[Tensor]:
+    def _shifts(self, g: TensorList, h: TensorList, n: int, ev, defaults: dict) -> list[Tensor]:
         """``c = δ + α`` per group, as 0-d tensors on the parameters' device (no host sync)."""
         device, dtype = g[0].device, g[0].dtype
-        if defaults["damping_mode"] == "fixed":
+        mode = defaults["damping_mode"]
+        if mode in ("fixed", "relative"):
+            scale = (n / 2) * norm(h) if mode == "relative" else 1.0
             cache = {}
             return [
                 cache.setdefault(
-                    group["delta"] + group["damping"],
-                    torch.tensor(group["delta"] + group["damping"], dtype=dtype, device=device),
+                    (group["delta"], group["damping"]),
+                    (
+                        group["delta"]
+                        + group["damping"] * torch.as_tensor(scale, dtype=torch.float64)
+                    ).to(device, dtype),
                 )
                 for group in self.param_groups
             ]
