@@ -46,5 +46,4 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
         frame.f_lineno,
         module=module_globals.get("__name__", "<unknown>"),
         registry=module_globals.setdefault("__warningregistry__", {}),
-        module_globals=module_globals,
     )

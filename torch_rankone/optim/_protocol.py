@@ -359,7 +359,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._pending_momentum = []
         if not any(group.get("momentum", 0.0) for group in self.param_groups):
             return g
-        t = self._counter("step", g[0]) + 1  # counting this step, on device
+        # t counts this step, on device, in float64 (β^t of an int64 tensor would be float32)
+        t = self._counter("step", g[0]).to(torch.float64) + 1
         out = []
         for ps, gs, group in zip(groups, split_groups(g, groups), self.param_groups):
             beta = group.get("momentum", 0.0)

@@ -39,29 +39,29 @@ class NeumannIHVP(SecondOrderOptimizer):
 
     .. math::
         y = \frac1s \sum_{j=0}^{K} \Bigl(I - \frac{H + \lambda I}{s}\Bigr)^j \hat m,
-        \qquad x \leftarrow x - \mathrm{lr}\,\gamma\, y
+        \qquad x \leftarrow x - \mathrm{lr}\, y
 
     (Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine learning in
-    linear time", JMLR 2017; Koh & Liang, 2017). The series converges for ``H + λI`` positive
-    definite and ``s > λ_max(H + λI)``; ``ŝ = 1.05·|λ_max(H)|`` is estimated by power iteration.
-    ``m̂`` is the gradient, or its bias-corrected average with ``momentum > 0``.
+    linear time", JMLR 2017; Koh & Liang, 2017): ``y ≈ (H + λI)⁻¹ m̂``, ``lr = 1`` is the damped
+    Newton step. The series converges for ``H + λI`` positive definite and
+    ``s > λ_max(H + λI)/2``. ``m̂`` is the gradient, or its bias-corrected average with
+    ``momentum > 0``.
 
-    ``damping_mode="relative"`` (default): ``ŝ = 1.5·|λ_max(H)|`` (a margin for the variation of
-    mini-batch curvature), ``λ = damping · ŝ``, ``s = ŝ + λ`` and ``γ = λ``. Along
-    directions of (nearly) zero curvature the step is then ``lr·(1 − (1 − λ/s)^{K+1})·g ≈ lr·g``
-    — ``lr`` is an SGD learning rate — while directions of curvature ``μ`` get
-    ``lr·λ/(μ + λ)·g``; ``H`` may have negative eigenvalues down to ``−λ`` before the series
-    diverges. ``damping_mode="fixed"``: ``λ = damping`` (absolute), ``s`` = ``scale`` or
-    ``1.05·|λ_max(H + λI)|``, ``γ = 1`` — the series as written (``lr = 1`` is the truncated
-    Newton step).
+    ``damping_mode="relative"`` (default): ``ŝ = 1.5·|λ_max(H)|`` by power iteration (a margin
+    for the variation of mini-batch curvature), ``λ = damping · ŝ`` and ``s = ŝ + λ``. The step
+    is then scale-free: along the top eigenvector it is at most ``lr·g/λ_max``, along directions
+    of little curvature ``≈ lr·(1 − (1 − λ/s)^{K+1})·g/λ`` (gradient descent with a step
+    ``∝ 1/λ_max``), and ``H`` may have negative eigenvalues down to ``−λ`` before the series
+    diverges. ``damping_mode="fixed"``: ``λ = damping`` (absolute) and ``s`` = ``scale`` or
+    ``1.05·|λ_max(H + λI)|`` — the series as written.
 
     Tuning rule: start from the defaults; divide ``lr`` by 3 if the loss is noisy or rises,
-    multiply it by 3 if it falls steadily but slowly; lower ``damping`` for more curvature
-    correction (fewer directions treated like SGD), raise it if fallbacks are reported.
+    multiply it by 3 if it falls steadily but slowly; ``damping`` is relative (dimensionless):
+    lower it for more curvature correction, raise it if fallbacks are reported.
 
     Args:
-        lr: step size (per group; default 0.1).
-        damping: relative (default 1) or absolute ``λ`` (``damping_mode="fixed"``).
+        lr: step size (per group; default 1, the damped Newton step).
+        damping: relative (default 1) or absolute ``λ`` (``damping_mode="fixed"``, default 0).
         num_terms: ``K``, HVPs per step.
         scale: ``s`` (fixed mode only); ``None`` estimates it by power iteration (20 HVPs, host
             synchronisation) at the first step and every ``scale_refresh`` steps.
@@ -109,7 +109,7 @@ class NeumannIHVP(SecondOrderOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 0.1,
+        lr: float = 1.0,
         damping: float | None = None,
         num_terms: int = 10,
         scale: float | None = None,
@@ -189,8 +189,6 @@ class NeumannIHVP(SecondOrderOptimizer):
         # estimated s that went stale by less than 2×) raises s below but needs no fallback.
         res = neumann_series(hvp, m, opts["num_terms"], s, lam, max_quotient=2.0)
         y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(m, res.solution)]
-        if relative:
-            y = torch._foreach_mul(y, lam)
         if opts["scale"] is None:
             self._raise_stale_scale(res, s)
         fallbacks = self._counter("neumann_fallbacks", params[0])

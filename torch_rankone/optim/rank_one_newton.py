@@ -314,7 +314,7 @@ class RankOneNewton(SecondOrderOptimizer):
         v_old = [self._hessian_sq_avg(p) for p in params]
         v = torch._foreach_mul(v_old, beta2)
         torch._foreach_addcmul_(v, torch._foreach_mul(u, h), torch._foreach_mul(u, h), 1 - beta2)
-        t = self._counter("step", params[0]) + 1
+        t = self._counter("step", params[0]).to(torch.float64) + 1
         diag = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype)))
         mean_diag = torch.stack(torch._foreach_norm(diag, 1)).sum() / numel(params)
         tiny = torch.finfo(g[0].dtype).tiny  # Λ = 0 (no curvature seen yet) still solves
