@@ -5,7 +5,7 @@ mini-batches of 128, the same initialisation and batch order for every optimizer
 loop is the usual one; switching from Adam changes the optimizer line and one more line:
 
     -opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    +opt = RankOneNewton(model.parameters(), lr=300.0, damping=100.0)  # or NeumannIHVP
+    +opt = RankOneNewton(model.parameters())  # or NeumannIHVP: defaults train
      ...
     -loss.backward()
     +loss.backward(create_graph=True)     # the gradient keeps its graph: exact HVPs in step()
@@ -13,7 +13,7 @@ loop is the usual one; switching from Adam changes the optimizer line and one mo
 
 FisherNewton wants per-sample losses instead, passed as a closure (no backward)::
 
-    +opt = FisherNewton(model.parameters(), damping=0.1, module=model)
+    +opt = FisherNewton(model.parameters(), module=model)
     +opt.step(lambda: F.cross_entropy(model(xb), yb, reduction="none"))
 
 Prints test accuracy, final training loss and wall time per optimizer (about half a minute on
@@ -38,13 +38,13 @@ from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
 SEED = 0
 BATCH = 128
 
-#: the one line that changes; hyper-parameters picked on this task by a small grid
+#: the one line that changes; every optimizer of this package with its defaults
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
-    "RankOneNewton": lambda m: RankOneNewton(m.parameters(), lr=300.0, damping=100.0),
+    "RankOneNewton": lambda m: RankOneNewton(m.parameters()),
     # module=: implicit per-sample gradients of the nn.Linear layers (same step, much faster)
-    "FisherNewton": lambda m: FisherNewton(m.parameters(), lr=1.0, damping=0.1, module=m),
-    "NeumannIHVP": lambda m: NeumannIHVP(m.parameters(), lr=1.0, damping=1.0, num_terms=5),
+    "FisherNewton": lambda m: FisherNewton(m.parameters(), module=m),
+    "NeumannIHVP": lambda m: NeumannIHVP(m.parameters()),
 }
 
 

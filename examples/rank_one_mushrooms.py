@@ -178,8 +178,10 @@ def run_exact_newton(problem: Problem, x0: Tensor, steps: int) -> Trace:
 
 
 def rank_one(name: str, **kwargs: float | str) -> Method:
-    """RankOneNewton with a loss closure (exact HVPs). Its random directions come from the
-    generator it owns, seeded from ``torch.initial_seed()`` (set by :func:`run_optimizer`)."""
+    """RankOneNewton's isotropic step as the slides state it (``α = damping`` unless theory mode)
+    with a loss closure (exact HVPs). Its random directions come from the generator it owns,
+    seeded from ``torch.initial_seed()`` (set by :func:`run_optimizer`)."""
+    kwargs = {"preconditioner": "isotropic", "damping_mode": "fixed", "lr": 1.0, **kwargs}
     return Method(name, lambda params: RankOneNewton(params, **kwargs), "loss")
 
 

@@ -20,11 +20,12 @@ def drop_in():
 
 
 def test_drop_in_quick(drop_in, capsys):
-    """2 epochs (22 steps): every optimizer lowers the loss, beats chance, is in the table."""
+    """2 epochs (22 steps), every optimizer with its defaults: the loss falls well below
+    ln 10 ≈ 2.30, accuracy well above chance (0.1), and it is in the table."""
     results = drop_in.main(["--quick"])
     assert [r.optimizer for r in results] == list(drop_in.OPTIMIZERS)
     for r in results:
         assert r.steps == 22 and math.isfinite(r.loss) and r.seconds > 0, r
-        assert r.loss < 2.2 and r.accuracy > 0.5, r  # from ln 10 ≈ 2.30 and chance (0.1)
+        assert r.loss < 1.5 and r.accuracy > 0.6, r
     out = capsys.readouterr().out
     assert all(f"| {name}" in out for name in drop_in.OPTIMIZERS)
