@@ -24,8 +24,8 @@ def _nystrom_dense(Om: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return Y @ core @ Y.T
 
 
-@pytest.mark.parametrize("rank", [0, 1, 2, 3])
-def test_steps_equal_the_dense_formula(rank):
+@pytest.mark.parametrize("rank,init_probes", [(0, 1), (1, 1), (2, 1), (3, 1), (1, 4)])
+def test_steps_equal_the_dense_formula(rank, init_probes):
     prob = MLPProblem()
     lr, damping, beta, beta2 = 0.3, 0.05, 0.9, 0.99
     seed = 7
@@ -36,6 +36,7 @@ def test_steps_equal_the_dense_formula(rank):
         momentum=beta,
         beta2=beta2,
         rank=rank,
+        init_probes=init_probes,
         generator=torch.Generator().manual_seed(seed),
     )
     probes = torch.Generator().manual_seed(seed)
@@ -47,7 +48,13 @@ def test_steps_equal_the_dense_formula(rank):
         H, g = prob.hessian(x), prob.grad(x)
         u = flatten(rademacher_like(prob.params, probes))
         h = H @ u
-        v = beta2 * v + (1 - beta2) * (u * h) ** 2
+        sq = (u * h) ** 2
+        if t == 1:  # the first call averages init_probes samples (u first)
+            for _ in range(init_probes - 1):
+                w = flatten(rademacher_like(prob.params, probes))
+                sq = sq + (w * (H @ w)) ** 2
+            sq = sq / init_probes
+        v = beta2 * v + (1 - beta2) * sq
         lam = (v / (1 - beta2**t)).sqrt()
         delta = damping * lam.mean()
         m = beta * m + (1 - beta) * g

@@ -98,13 +98,16 @@ class RankOneNewton(SecondOrderOptimizer):
     directions; Frangella, Rathore, Zhao & Udell, "SketchySGD", 2024):
 
     .. math::
-        y = \bigl(\Lambda + \delta I + Y (\Omega^\top Y)_+^{+} Y^\top\bigr)^{-1} g,
-        \qquad x \leftarrow x - \mathrm{lr}\,\hat m, \quad
-        \hat m = \text{bias-corrected EMA}_{\beta}(y)
+        x \leftarrow x - \mathrm{lr}\,\bigl(\Lambda + \delta I
+            + Y (\Omega^\top Y)_+^{+} Y^\top\bigr)^{-1} \hat m
 
-    solved by Woodbury in the ``(Λ + δI)^{-1/2}``-scaled space. ``lr`` is the fraction of this
-    Newton-type step (as AdaHessian's), ``δ = damping · mean(Λ)`` (``damping_mode="relative"``)
-    or ``δ = damping`` (``"fixed"``), and ``momentum`` is ``β`` (default 0.9).
+    with ``m̂`` the bias-corrected exponential average of the gradients (``β = momentum``,
+    default 0.9; ``m̂ = g`` for ``momentum=0``), solved by Woodbury in the ``(Λ + δI)^{-1/2}``-scaled
+    space. ``lr`` is the fraction of this Newton-type step (as AdaHessian's, default 0.1) and
+    ``δ = damping · mean(Λ)`` (``damping_mode="relative"``, default ``1e-8``: only a floor — larger
+    values slow the low-curvature coordinates a transformer needs to move) or ``δ = damping``
+    (``"fixed"``). At the first call ``init_probes`` samples are averaged, so that no coordinate
+    starts from a near-zero estimate.
 
     **Isotropic** (``preconditioner="isotropic"``): the rank-one method of A. Semenov, "Rank-one
     approximation of the Hessian" (2025). ``u ~ Unif(S^{N−1})`` and
@@ -131,7 +134,7 @@ class RankOneNewton(SecondOrderOptimizer):
         params: parameters or param groups; groups may set ``lr``, ``damping``, ``delta``,
             ``momentum`` and ``weight_decay``.
         lr: step size (see above; default 0.1).
-        damping: ``None`` picks the mode's default: relative ``1e-3`` (diag+lowrank), ``4``
+        damping: ``None`` picks the mode's default: relative ``1e-8`` (diag+lowrank), ``4``
             (isotropic); ``1e-3`` for ``damping_mode="fixed"``.
         delta: ``δ`` added to the curvature estimate (``D = S + δI``), absolute.
         damping_mode: ``"relative"`` (default), ``"fixed"`` or ``"theory"`` (isotropic only).
@@ -148,8 +151,11 @@ class RankOneNewton(SecondOrderOptimizer):
         rank: diag+lowrank: number of sketches in the Nyström part (``0``: diagonal only; each
             sketch beyond the current one keeps two parameter-sized vectors).
         beta2: diag+lowrank: ``β₂`` of the diagonal's average.
-        momentum: ``β`` of the bias-corrected average of the direction (``None``: 0.9 for
-            diag+lowrank, 0 for isotropic).
+        init_probes: diag+lowrank: Hutchinson samples averaged at the first call (HVPs that
+            call only); one sample would leave some coordinates near zero and their first step
+            huge.
+        momentum: ``β`` of the bias-corrected average of the gradient the step is applied to
+            (``None``: 0.9 for diag+lowrank, 0 for isotropic).
         weight_decay: decoupled weight decay, ``x ← x(1 − lr·wd)`` (AdamW).
         process_group: average gradients and HVPs over this group (default: the world group
             whenever ``torch.distributed`` is initialised).
@@ -207,6 +213,7 @@ class RankOneNewton(SecondOrderOptimizer):
         preconditioner: str = "diag+lowrank",
         rank: int = 1,
         beta2: float = 0.999,
+        init_probes: int = 10,
         momentum: float | None = None,
         weight_decay: float = 0.0,
         process_group: Any = None,
@@ -236,6 +243,8 @@ class RankOneNewton(SecondOrderOptimizer):
         check_hyper("beta2", beta2)
         if beta2 >= 1:
             raise ValueError(f"beta2 must be < 1, got {beta2}")
+        if not isinstance(init_probes, int) or init_probes < 1:
+            raise ValueError(f"init_probes must be an int >= 1, got {init_probes!r}")
         if not isinstance(rank, int) or not 0 <= rank <= _ext.MAX_RANK:
             raise ValueError(f"rank must be an int in [0, {_ext.MAX_RANK}], got {rank!r}")
         if damping_mode == "theory":
@@ -261,6 +270,7 @@ class RankOneNewton(SecondOrderOptimizer):
             preconditioner=preconditioner,
             rank=rank,
             beta2=beta2,
+            init_probes=init_probes,
             momentum=momentum,
             weight_decay=weight_decay,
         )
@@ -309,11 +319,21 @@ class RankOneNewton(SecondOrderOptimizer):
         opts = self.param_groups[0]
         u = rademacher_like(params, self.generator)
         h = self._average(ev.hvp_fn(u))
+        sample = torch._foreach_mul(u, h)
+        sq = torch._foreach_mul(sample, sample)
+        # One Hutchinson sample is a noisy diagonal: at the first call, average the squares of
+        # init_probes of them, so that no coordinate starts from a near-zero estimate.
+        for _ in range(opts["init_probes"] - 1 if self._call == 0 else 0):
+            w = rademacher_like(params, self.generator)
+            extra = torch._foreach_mul(w, self._average(ev.hvp_fn(w)))
+            torch._foreach_addcmul_(sq, extra, extra)
+        if self._call == 0:
+            torch._foreach_div_(sq, float(opts["init_probes"]))
         beta2 = opts["beta2"]
         # v_t = β₂ v + (1 − β₂)(u ⊙ h)², committed below only if the step is applied
         v_old = [self._hessian_sq_avg(p) for p in params]
         v = torch._foreach_mul(v_old, beta2)
-        torch._foreach_addcmul_(v, torch._foreach_mul(u, h), torch._foreach_mul(u, h), 1 - beta2)
+        torch._foreach_add_(v, sq, alpha=1 - beta2)
         t = self._counter("step", params[0]).to(torch.float64) + 1
         diag = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype)))
         mean_diag = torch.stack(torch._foreach_norm(diag, 1)).sum() / numel(params)
