@@ -212,6 +212,24 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, strict: bool = False
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
 
 
+class StepInputs(NamedTuple):
+    """What :meth:`SecondOrderOptimizer._evaluate_step` hands to an optimizer's update."""
+
+    groups: list[list[Tensor]]  # trainable parameters per param group
+    params: list[Tensor]  # all of them, in group order
+    call: int  # index of this step() call
+    evaluation: Evaluation
+    grads: TensorList  # gradient, averaged over ranks
+    loss: Tensor | None
+    direction_input: TensorList  # the gradient or its momentum average: what is preconditioned
+
+
+def check_module(module: Any) -> None:
+    """``module=`` must be an ``nn.Module`` (or ``None``)."""
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+
+
 def check_update_extras(weight_decay: Any, momentum: Any) -> None:
     """Validate decoupled ``weight_decay`` (≥ 0) and ``momentum`` (in ``[0, 1)``)."""
     check_hyper("weight_decay", weight_decay)
@@ -348,6 +366,23 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._seed_synced = True
 
     # ---- the update -----------------------------------------------------------------------------
+
+    def _evaluate_step(self, closure: Callable[[], Any] | None) -> StepInputs | None:
+        """The common preamble of ``step`` for the HVP-based optimizers: trainable parameters,
+        the random generator synchronised, the call counted (and the health checked at a sync
+        point), loss/gradient/HVP from the caller's source, averaged over ranks, and the
+        momentum-averaged gradient. ``None`` when there is nothing to train."""
+        groups = self._begin_step()
+        params = [p for ps in groups for p in ps]
+        if not params:
+            return None
+        self._sync_generator()
+        call = self._next_call()
+        self._check_health(call)
+        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
+        g, loss = self._average_with_loss(ev.grads, ev.loss)
+        m = self._momentum_gradient(groups, g)
+        return StepInputs(groups, params, call, ev, g, loss, m)
 
     def _momentum_gradient(self, groups: list[list[Tensor]], g: TensorList) -> TensorList:
         """``m̂_t = m_t/(1 − β^t)``, ``m_t = β m_{t−1} + (1 − β) g_t`` per group with

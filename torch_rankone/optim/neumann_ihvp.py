@@ -24,8 +24,8 @@ from ._protocol import (
     SecondOrderOptimizer,
     all_finite,
     check_hyper,
+    check_module,
     check_update_extras,
-    evaluate,
     split_groups,
 )
 
@@ -143,8 +143,7 @@ class NeumannIHVP(SecondOrderOptimizer):
             raise ValueError(f"scale_refresh must be an int >= 1, got {scale_refresh!r}")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check_module(module)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -166,17 +165,11 @@ class NeumannIHVP(SecondOrderOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """One NeumannIHVP step (``num_terms`` HVPs); returns the loss."""
-        groups = self._begin_step()
-        params = [p for ps in groups for p in ps]
-        if not params:
+        inputs = self._evaluate_step(closure)
+        if inputs is None:
             return None
-        self._sync_generator()
+        groups, params, call, ev, g, loss, m = inputs
         opts = self.param_groups[0]
-        call = self._next_call()
-        self._check_health(call)
-        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
-        g, loss = self._average_with_loss(ev.grads, ev.loss)
-        m = self._momentum_gradient(groups, g)
 
         def hvp(v):
             return self._average(ev.hvp_fn(v))

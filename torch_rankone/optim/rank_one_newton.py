@@ -30,8 +30,8 @@ from ._protocol import (
     SecondOrderOptimizer,
     all_finite,
     check_hyper,
+    check_module,
     check_update_extras,
-    evaluate,
     split_groups,
 )
 
@@ -257,8 +257,7 @@ class RankOneNewton(SecondOrderOptimizer):
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not isinstance(lambda_max_refresh, int) or lambda_max_refresh < 1:
             raise ValueError(f"lambda_max_refresh must be an int >= 1, got {lambda_max_refresh}")
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check_module(module)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -298,16 +297,10 @@ class RankOneNewton(SecondOrderOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """One RankOneNewton step; returns the loss (``None`` for graph gradients)."""
-        groups = self._begin_step()
-        params = [p for ps in groups for p in ps]
-        if not params:
+        inputs = self._evaluate_step(closure)
+        if inputs is None:
             return None
-        self._sync_generator()
-        self._call = self._next_call()
-        self._check_health(self._call)
-        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
-        g, loss = self._average_with_loss(ev.grads, ev.loss)
-        m = self._momentum_gradient(groups, g)
+        groups, params, self._call, ev, g, loss, m = inputs
         if self.param_groups[0]["preconditioner"] == "isotropic":
             self._isotropic_step(groups, params, m, loss, ev)
         else:
