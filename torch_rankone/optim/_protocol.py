@@ -106,19 +106,78 @@ def _fd_hvp_fn(
     return hvp
 
 
+class _Rerun:
+    """Re-runs a closure for finite differences as if it ran once per step.
+
+    Every re-run starts from the random state the first call started from (the same dropout
+    masks: the difference quotient must differentiate one function), and afterwards the random
+    state and, with ``module``, the module's buffers (BatchNorm running statistics) are put back
+    to what the first call left, so they advance once per step.
+    """
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.module = module
+        self.before = self._rng()
+
+    @staticmethod
+    def _rng() -> tuple[Tensor, list[Tensor]]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return torch.get_rng_state(), cuda
+
+    @staticmethod
+    def _set_rng(state: tuple[Tensor, list[Tensor]]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1]:
+            torch.cuda.set_rng_state_all(state[1])
+
+    def first_call_done(self) -> None:
+        self.after = self._rng()
+        buffers = [] if self.module is None else list(self.module.buffers())
+        self.buffers = [(b, b.detach().clone()) for b in buffers]
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        self._set_rng(self.before)
+        try:
+            return fn()
+        finally:
+            self._set_rng(self.after)
+            with torch.no_grad():
+                for b, saved in self.buffers:
+                    b.copy_(saved)
+
+
+def _refuse_half_fd(params: Sequence[Tensor]) -> None:
+    half = {p.dtype for p in params} & {torch.float16, torch.bfloat16}
+    if half:
+        raise CurvatureError(
+            "finite-difference HVPs need float32 or float64 parameters, got "
+            f"{sorted(map(str, half))}: the step eps^(1/3) is 0.1-0.2 in half precision, so "
+            "the difference quotient means nothing. Train in float32 (bfloat16 autocast is "
+            "fine) or give an exact curvature source (loss.backward(create_graph=True), or a "
+            "closure that returns the loss without calling backward)."
+        )
+
+
 def evaluate(
     params: Sequence[Tensor],
     closure: Callable[[], Any] | None,
     hvp_mode: str,
     *,
     need_hvp: bool = True,
-    module: Any = None,
+    module: torch.nn.Module | None = None,
 ) -> Evaluation:
-    """Obtain loss, gradient and HVP function from the source the caller provided (SPEC §4).
+    """Obtain loss, gradient and HVP function from the source the caller provided.
 
     ``hvp_mode="auto"`` picks graph gradients, else a loss closure, else a backward closure;
     ``"exact"`` refuses the backward closure; ``"fd"`` uses finite differences of gradients
     whatever the closure does (it needs a closure to re-evaluate gradients).
+
+    Finite differences re-run the closure: every re-run sees the random state of the first call
+    (identical dropout masks), the random state advances as if the closure ran once, and with
+    ``module`` its buffers (BatchNorm running statistics) are restored after each re-run, so they
+    advance once per step — without ``module`` they advance on every closure call. Other side
+    effects of the closure (logging, Lightning's gradient clipping) happen on every call.
+    Half-precision parameters are refused for finite differences.
     """
     params = list(params)
     if closure is None:
@@ -135,9 +194,13 @@ def evaluate(
         hvp_fn = _exact_hvp_fn(grads, params) if need_hvp else None
         return Evaluation(None, [g.detach() for g in grads], hvp_fn, "graph")
 
+    if hvp_mode == "fd" and need_hvp:
+        _refuse_half_fd(params)
     before = _grad_snapshot(params)
+    rerun = _Rerun(module)
     with torch.enable_grad():
         loss = closure()
+    rerun.first_call_done()
     if not isinstance(loss, Tensor):
         raise CurvatureError(f"the closure must return the loss as a tensor, got {type(loss)}")
     backward_ran = _grad_snapshot(params) != before
@@ -153,9 +216,12 @@ def evaluate(
                 "loss.backward(create_graph=True) in it, or use hvp='fd'. " + _CONVENTIONS
             )
 
+        if need_hvp:
+            _refuse_half_fd(params)
+
         def grad_at_point() -> TensorList:
             with torch.enable_grad():
-                closure()
+                rerun(closure)
             return _grad_copies(params)
 
         grads = _grad_copies(params)
@@ -174,7 +240,7 @@ def evaluate(
 
         def grad_at_point() -> TensorList:
             with torch.enable_grad():
-                return _loss_grads(closure(), params, create_graph=False)
+                return _loss_grads(rerun(closure), params, create_graph=False)
 
         grads = _loss_grads(loss, params, create_graph=False)
         hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
@@ -435,9 +501,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _uses_weight_decay(self, groups: list[list[Tensor]]) -> bool:
         """Whether any non-empty group uses weight decay (the fused kernel does not)."""
         return any(
-            group.get("weight_decay", 0.0)
-            for group, ps in zip(self.param_groups, groups)
-            if ps
+            group.get("weight_decay", 0.0) for group, ps in zip(self.param_groups, groups) if ps
         )
 
     # ---- run-time health: counters checked at a few documented sync points -------------------

@@ -1,0 +1,92 @@
+"""Finite-difference HVPs re-run the closure as if it ran once per step: same dropout masks,
+BatchNorm statistics advanced once, the global random stream advanced once; half precision is
+refused before anything changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torch_rankone.optim import CurvatureError
+from torch_rankone.optim._protocol import evaluate
+
+F64 = torch.float64
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.25), nn.Linear(8, 3)
+    ).to(F64)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 5, generator=gen, dtype=F64), torch.randint(0, 3, (16,), generator=gen)
+
+
+def _backward_closure(model, params, X, Y):
+    def closure():
+        for p in params:
+            p.grad = None
+        loss = nn.functional.cross_entropy(model(X), Y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_fd_hvp_with_dropout_and_batchnorm_equals_exact_hvp_with_the_same_masks():
+    model, (X, Y) = _model(), _data()
+    params = list(model.parameters())
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=F64)
+         for i, p in enumerate(params)]  # fmt: skip
+    stats = [b.clone() for b in model.buffers()]
+
+    torch.manual_seed(42)  # the masks of the exact reference
+    loss = nn.functional.cross_entropy(model(X), Y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    exact = torch.autograd.grad(grads, params, grad_outputs=v)
+    after_one_forward = [b.clone() for b in model.buffers()]
+    rng_after_one = torch.get_rng_state()
+
+    with torch.no_grad():  # back to the statistics before that forward
+        for b, s in zip(model.buffers(), stats):
+            b.copy_(s)
+    torch.manual_seed(42)
+    ev = evaluate(params, _backward_closure(model, params, X, Y), "fd", module=model)
+    fd = ev.hvp_fn(v)
+    ev.hvp_fn(v)  # more products (e.g. power iterations) change nothing either
+    num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(fd, exact)))
+    den = torch.sqrt(sum((b**2).sum() for b in exact))
+    assert float(num / den) < 1e-7
+    for b, ref in zip(model.buffers(), after_one_forward):
+        assert torch.equal(b, ref)  # running statistics advanced exactly once
+    assert torch.equal(torch.get_rng_state(), rng_after_one)  # global stream advanced once
+
+
+def test_without_module_buffers_advance_on_every_closure_call():
+    model, (X, Y) = _model(), _data()
+    params = list(model.parameters())
+    ev = evaluate(params, _backward_closure(model, params, X, Y), "fd")
+    before = model[1].num_batches_tracked.clone()
+    ev.hvp_fn([torch.ones_like(p) for p in params])
+    assert int(model[1].num_batches_tracked) == int(before) + 2  # documented: two more calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_finite_differences_are_refused_before_anything_changes(dtype):
+    model = nn.Linear(4, 2).to(dtype)
+    params = list(model.parameters())
+    x = torch.randn(8, 4).to(dtype)
+    saved = [p.detach().clone() for p in params]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return model(x).float().pow(2).mean()
+
+    with pytest.raises(CurvatureError, match="float32 or float64"):
+        evaluate(params, closure, "fd")
+    assert not calls and all(torch.equal(p, s) for p, s in zip(params, saved))
