@@ -8,7 +8,7 @@ import torch
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
-from torch_rankone import NeumannIHVP, RankOneNewton
+from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
 from torch_rankone._tensorlist import flatten, unflatten
 
 F64 = torch.float64
@@ -20,6 +20,7 @@ PaperRankOneNewton = functools.partial(
     RankOneNewton, preconditioner="isotropic", damping_mode="fixed"
 )
 PaperNeumannIHVP = functools.partial(NeumannIHVP, damping_mode="fixed")
+PaperFisherNewton = functools.partial(FisherNewton, lr=1.0, damping_mode="fixed")
 
 
 class MLPProblem:

@@ -1,6 +1,6 @@
 """torch_rankone: second-order optimizers for PyTorch.
 
-Modules (SPEC §1): :mod:`~torch_rankone.curvature` (HVPs, per-sample gradients, top
+Modules: :mod:`~torch_rankone.curvature` (HVPs, per-sample gradients, top
 eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HVPs, seed-001
 inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
 """

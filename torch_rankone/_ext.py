@@ -1,10 +1,10 @@
 """The one place kernels are dispatched from: compiled ``torch_rankone._C`` ops or references.
 
-Every kernel of SPEC §5 has a pure-PyTorch reference here with the same semantics. Callers
+Every kernel has a pure-PyTorch reference here with the same semantics. Callers
 (``linalg``, the optimizers, NewtonLearn) use only the functions of this module, so whether the
 compiled extension is in use is decided here and nowhere else.
 
-Low-rank solve (SPEC §3, §5.1). For ``k`` vectors ``U = [u_1..u_k]`` (each a list of
+Low-rank solve. For ``k`` vectors ``U = [u_1..u_k]`` (each a list of
 parameter-shaped tensors), a ``k×k`` matrix ``C`` and a scalar ``c``,
 
     y = (c·I + U C Uᵀ)⁻¹ g = (g − U a) / c,   a = (c·I_k + C G)⁻¹ C b,
@@ -16,7 +16,7 @@ operator is. The ``k×k`` algebra is done in float64 whatever the input dtype. A
 non-finite ``k×k`` system gives ``a = NaN`` (never garbage finite numbers), so ``y`` is non-finite;
 the in-place update then leaves the parameters untouched and reports it (on device, no sync).
 
-Gathered outer products (SPEC §5.2): ``H += Σ_t coef_t · A[idx_t] A[idx_t]ᵀ``.
+Gathered outer products: ``H += Σ_t coef_t · A[idx_t] A[idx_t]ᵀ``.
 
 Compiled ops (``csrc/``, registered as ``torch.ops.torch_rankone.*``): ``lowrank_solve``,
 ``lowrank_solve_update`` (both passes fused: one reduction pass over all tensors for ``G`` and

@@ -71,7 +71,7 @@ def randn_like(like: Sequence[Tensor], generator: torch.Generator | None = None)
     """Gaussian vector shaped like ``like``, drawn in parameter order on the generator's device.
 
     Drawing on the generator's device and then moving makes the draw reproducible across
-    devices (SPEC §4: ``torch.randn(p.shape, generator=g, dtype=p.dtype)`` then ``.to(p)``).
+    devices (``torch.randn(p.shape, generator=g, dtype=p.dtype)`` then ``.to(p)``).
     """
     device = generator.device if generator is not None else torch.device("cpu")
     return [

@@ -1,6 +1,6 @@
 """Curvature primitives: Hessian-vector products, per-sample gradients, the top eigenvalue.
 
-Notation (SPEC §2): ``x`` is the concatenation of all parameters, ``H = ∇²f(x)``. Vectors are
+Notation: ``x`` is the concatenation of all parameters, ``H = ∇²f(x)``. Vectors are
 lists of tensors shaped like the parameters (or the same pytree as the parameters for the
 ``torch.func`` entry points), so no ``N``-sized flat copy is ever made.
 
@@ -13,7 +13,7 @@ Two exact HVP paths:
   carrying a graph, or on gradients they take from a loss closure.
 
 References: B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation
-6(1), 1994; seed 003 (Hessian-vector products).
+6(1), 1994.
 """
 
 from __future__ import annotations

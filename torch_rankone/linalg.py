@@ -1,4 +1,4 @@
-"""Solves with curvature operators that are never formed as ``N×N`` matrices (SPEC §3).
+"""Solves with curvature operators that are never formed as ``N×N`` matrices.
 
 * :func:`lowrank_solve` — ``(c·I + U C Uᵀ)⁻¹ g`` by Woodbury (Sherman–Morrison for ``k = 1``).
 * :func:`neumann_series` / :func:`neumann_ihvp` — ``(H + λI)⁻¹ v`` by a truncated Neumann series,
@@ -6,8 +6,9 @@
 * :func:`lissa_ihvp` — the stochastic variant of Agarwal, Bullins & Hazan (LiSSA, 2017).
 * :func:`cg_ihvp` — conjugate gradients on ``(H + λI) y = v``.
 * :func:`ihvp_inverse_gradient` — exact ``H⁻¹ v`` as the derivative of the gradient's functional
-  inverse (seed 001).
-* :class:`IncrementalInverse` — dense ``(λI + Σ v vᵀ)⁻¹`` kept by Sherman–Morrison (seed 003).
+  inverse (H. Lee, "Inverse Hessian-vector multiplication via the functional inverse of the
+  gradient", 2019).
+* :class:`IncrementalInverse` — dense ``(λI + Σ v vᵀ)⁻¹`` kept by Sherman–Morrison.
 
 Vectors are lists of parameter-shaped tensors (a single tensor is accepted too); an HVP function
 maps that structure to itself.
@@ -145,7 +146,7 @@ def lowrank_solve(
 
     ``y = (g − U (C⁻¹ + UᵀU/c)⁻¹ Uᵀg / c) / c``, computed as ``y = (g − U a)/c`` with
     ``a = (c·I + C UᵀU)⁻¹ C Uᵀg`` so that a singular ``C`` is allowed. ``k = 1`` is
-    Sherman–Morrison. SPEC §3. With ``check=True`` and ``N ≤ k`` the (at most 8×8) operator is
+    Sherman–Morrison. With ``check=True`` and ``N ≤ k`` the (at most 8×8) operator is
     formed and solved directly: Woodbury is unstable when U's columns are dependent.
 
     Args:
@@ -288,7 +289,7 @@ def neumann_series(
     """Truncated Neumann series for ``(H + λI)⁻¹ v`` with on-device divergence flags.
 
     With ``A = (H + λI)/s``: ``p₀ = v``, ``p_k = v + (I − A) p_{k−1}``, ``y = p_K / s``, i.e.
-    ``y = (1/s) Σ_{j=0..K} (I − A)^j v`` — exactly ``K = num_terms`` HVPs (SPEC §3, seed 003).
+    ``y = (1/s) Σ_{j=0..K} (I − A)^j v`` — exactly ``K = num_terms`` HVPs.
 
     It is evaluated in the equivalent increment form ``d_k = (I − A) d_{k−1}``,
     ``p_k = p_{k−1} + d_k``, which exposes ``A d`` at every step. The ``d_k`` are power iterates
@@ -425,7 +426,7 @@ def neumann_ihvp(
 ) -> Any:
     """``y ≈ (H + λI)⁻¹ v`` by the truncated Neumann series, raising on divergence.
 
-    ``y = (1/s) Σ_{j=0..K} (I − (H + λI)/s)^j v`` (SPEC §3; see :func:`neumann_series`). The
+    ``y = (1/s) Σ_{j=0..K} (I − (H + λI)/s)^j v`` (see :func:`neumann_series`). The
     series converges for ``H + λI`` positive definite and ``s > λ_max(H + λI)``; the error after
     ``K`` terms is ``(1 − λ_min/s)^{K+1}`` relative, so ill-conditioned problems need many terms
     (compare :func:`cg_ihvp`).
@@ -562,7 +563,7 @@ def cg_ihvp(
 
 
 def ihvp_inverse_gradient(grad_inverse: Callable, z: Any, v: Any) -> Any:
-    """Exact ``H(x)⁻¹ v`` from the functional inverse of the gradient map (seed 001).
+    """Exact ``H(x)⁻¹ v`` from the functional inverse of the gradient map (H. Lee, 2019).
 
     If ``grad_inverse(∇f(x)) = x`` near ``x``, the inverse function theorem gives
     ``J_{grad_inverse}(z) = H(x)⁻¹`` at ``z = ∇f(x)``, so ``H⁻¹ v = J_{grad_inverse}(z) v``: one
@@ -579,7 +580,7 @@ def ihvp_inverse_gradient(grad_inverse: Callable, z: Any, v: Any) -> Any:
 
 
 class IncrementalInverse:
-    """Dense inverse of ``M = λI + Σ_t w_t v_t v_tᵀ`` kept by Sherman–Morrison (seed 003).
+    """Dense inverse of ``M = λI + Σ_t w_t v_t v_tᵀ`` kept by Sherman–Morrison.
 
     Each :meth:`update` costs ``O(dim²)``:
     ``(M + w v vᵀ)⁻¹ = M⁻¹ − w (M⁻¹v)(M⁻¹v)ᵀ / (1 + w vᵀM⁻¹v)``. It holds ``dim²`` numbers, so it

@@ -1,4 +1,4 @@
-"""Distributed NewtonLearn support (SPEC §4.4, seed 002): compressors, communication accounting,
+"""Distributed NewtonLearn support: compressors, communication accounting,
 the parameter-server protocol over simulated nodes or ``torch.distributed``, and the paper's
 baselines (Newton, DCGD, DIANA, ADIANA, BFGS, DINGO) with the same accounting."""
 

@@ -1,9 +1,9 @@
-"""Communication accounting for NewtonLearn (SPEC §4.4): the bits the nodes send the server.
+"""Communication accounting for NewtonLearn: the bits the nodes send the server.
 
 Two conventions:
 
-``"realistic"`` (default; seed 002 §4, "the realistic setting": the server does not hold the data,
-Option 1) counts the total over **all nodes**. Per iteration and node ``i``:
+``"realistic"`` (default; Islamov et al. 2021, §4, "the realistic setting": the server does
+not hold the data, Option 1) counts the total over **all nodes**. Per iteration and node ``i``:
 
 * the local gradient ``∇f_i(x^k)``: ``32d``;
 * the compressed learning message ``C(h_i(x^k) − h_i^k)``: ``compressor.message_bits`` (values

@@ -1,8 +1,8 @@
-"""Compression operators for the nodes' messages (SPEC §4.4, seed 002 §3.4).
+"""Compression operators for the nodes' messages (Islamov et al. 2021, §3.4).
 
 A compressor ``C: R^dim → R^dim`` is *unbiased with variance parameter* ``ω`` when
 
-    E[C(x)] = x,        E‖C(x)‖² ≤ (ω + 1) ‖x‖²          (seed 002, eqs. (17)–(18)).
+    E[C(x)] = x,        E‖C(x)‖² ≤ (ω + 1) ‖x‖²          (Islamov et al. 2021, eqs. (17)–(18)).
 
 Every compressor here acts on the last dimension of a tensor, row by row and independently
 (a batch of shape ``(..., dim)`` is a batch of messages, e.g. one per node), and draws its
@@ -139,7 +139,7 @@ class TopK(_Sparsifier):
     """The ``r`` entries of largest magnitude, unscaled (deterministic, *biased*).
 
     ``‖C(x)‖ ≤ ‖x‖``, so (18) holds with ``ω = 0`` (hence a default ``η = 1`` in NewtonLearn, as
-    in FedNL), but ``E[C(x)] ≠ x``: the seed's theory does not cover it. It is a contraction,
+    in FedNL), but ``E[C(x)] ≠ x``: the paper's theory does not cover it. It is a contraction,
     ``‖C(x) − x‖² ≤ (1 − r/dim) ‖x‖²``.
     """
 

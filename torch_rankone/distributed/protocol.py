@@ -1,4 +1,4 @@
-"""The parameter-server protocol of NewtonLearn (seed 002, Algorithms 1–2) over two transports.
+"""NewtonLearn's parameter-server protocol (Islamov et al. 2021, Algorithms 1–2), two transports.
 
 Nodes hold data shards; each iteration they send the server their gradient sums, the learning
 messages with the rows ``a_ij`` they concern, and β; the server solves and broadcasts ``x``.

@@ -1,9 +1,9 @@
-"""Seed 002's experiments (Figures 1–2): NL1/NL2 against the baselines, in communicated bits.
+"""The experiments of Islamov et al. 2021 (Figures 1–2): NL1/NL2 against the baselines, in bits.
 
     python -m torch_rankone.experiments.paper --dataset a9a --lam 1e-3
 
 Regularised logistic regression on a LIBSVM dataset split into ``n`` nodes of ``m`` rows (the
-seed's splits, :data:`DATASETS`; the remainder rows are dropped). Every method starts at
+paper's splits, :data:`DATASETS`; the remainder rows are dropped). Every method starts at
 ``x⁰ = 0``; ``P*`` is the value after :data:`OPTIMUM_ITERATIONS` float64 Newton iterations. The
 runner writes, under ``--out``:
 
@@ -11,16 +11,16 @@ runner writes, under ``--out``:
   convention in its own panel, named in the axis label) and against iterations;
 * ``results/paper_<dataset>_lam<λ>_curves.csv`` (the plotted points, log-thinned),
   ``..._summary.csv`` (iterations and bits to reach 1e-8 and 1e-10 per method),
-  ``..._claims.csv`` (the seed's claim, per baseline and convention) and, with ``--wallclock``,
+  ``..._claims.csv`` (the paper's claim, per baseline and convention) and, with ``--wallclock``,
   ``..._wallclock.csv``.
 
 Bit conventions (:mod:`torch_rankone.distributed.accounting`): ``realistic`` sums every node's
 uplink with index bits and the Option-1 rows; ``paper`` is one node's uplink as the authors'
 code counts it. The point ``k`` of a curve is ``(bits sent before x^k was known, P(x^k) − P*)``.
 
-The claim checked (seed 002 §4): NL1 and NL2 with RandK(1) reach ``P − P* ≤ 1e-10`` with fewer
-bits than every baseline. A baseline that does not reach 1e-10 within its caps (iterations, or
-``--budget`` times NL's bits) is reported as such, with the bound on the factor that follows.
+The claim checked (Islamov et al. 2021, §4): NL1 and NL2 with RandK(1) reach ``P − P* ≤ 1e-10``
+with fewer bits than every baseline. A baseline that does not reach 1e-10 within its caps
+(iterations, or ``--budget`` times NL's bits) is reported as such, with the bound on the factor that follows.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ..optim.newton_learn import NewtonLearn, glm_newton
 
 __all__ = ["DATASETS", "MethodRun", "check_claims", "main", "optimum", "run_dataset", "wallclock"]
 
-#: ``(n, m)`` of the seed's experiments (§4, "Parameter setting").
+#: ``(n, m)`` of the paper's experiments (§4, "Parameter setting").
 DATASETS: dict[str, tuple[int, int]] = {
     "a2a": (15, 151),
     "a7a": (100, 161),
@@ -93,7 +93,7 @@ def optimum(A: Tensor, b: Tensor, lam: float) -> float:
 
 
 def baseline_factories(d: int) -> dict[str, tuple[Callable, dict, bool]]:
-    """``name → (class, keyword arguments, first_order)`` with the seed's compressors:
+    """``name → (class, keyword arguments, first_order)`` with the paper's compressors:
     RandK with ``r = d/4``, random dithering with ``s = √d``, natural compression."""
     compressors = {
         "RS": RandK(max(1, d // 4)),

@@ -1,4 +1,4 @@
-"""The optimizers (SPEC §4): ``torch.optim.Optimizer`` subclasses that replace Adam.
+"""The optimizers: ``torch.optim.Optimizer`` subclasses that replace Adam.
 
 Curvature sources for ``step(closure=None)`` (``hvp="auto" | "exact" | "fd"``), shared by all:
 

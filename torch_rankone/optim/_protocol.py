@@ -1,4 +1,4 @@
-"""The protocol every optimizer of the package shares (SPEC §4).
+"""The protocol every optimizer of the package shares.
 
 * :func:`evaluate` turns what the user gave ``step`` into a gradient and an HVP function, from
   one of three sources:
@@ -305,7 +305,7 @@ def check_update_extras(weight_decay: Any, momentum: Any) -> None:
 
 
 class SecondOrderOptimizer(torch.optim.Optimizer):
-    """Base class: common state, reproducible directions, averaging, masking (SPEC §4).
+    """Base class: common state, reproducible directions, averaging, masking.
 
     Global (not per-parameter) state lives under string keys of ``self.state`` — ``"step"``
     (applied steps), ``"skipped_steps"`` (non-finite steps masked), optimizer-specific counters —
@@ -348,7 +348,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     # ---- parameters and global state ---------------------------------------------------------
 
     def _begin_step(self) -> list[list[Tensor]]:
-        """The trainable parameters per group, after refusing a loss scaler (SPEC §4)."""
+        """The trainable parameters per group, after refusing a loss scaler."""
         if (
             getattr(self, "grad_scale", None) is not None
             or getattr(self, "found_inf", None) is not None

@@ -1,6 +1,6 @@
 """NeumannIHVP: Newton-type step with the inverse Hessian applied by a truncated Neumann series.
 
-SPEC §4.3, seed 003. With ``A = (H + λI)/s`` and ``K = num_terms``,
+With ``A = (H + λI)/s`` and ``K = num_terms``,
 
     y = (1/s) Σ_{j=0..K} (I − A)^j g,     x ← x − lr · y,
 

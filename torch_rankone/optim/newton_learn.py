@@ -1,6 +1,6 @@
-"""NewtonLearn: distributed Newton with learned, compressed Hessian coefficients (seed 002).
+"""NewtonLearn: distributed Newton with learned, compressed Hessian coefficients.
 
-SPEC §4.4. Generalised linear model over ``n`` nodes with ``m`` rows ``(a_ij, b_ij)`` each,
+Generalised linear model over ``n`` nodes with ``m`` rows ``(a_ij, b_ij)`` each,
 
     P(x) = (1/n) Σ_i f_i(x) + (λ/2)‖x‖²,   f_i(x) = (1/m) Σ_j φ(a_ijᵀx, b_ij),
     H(x) = (1/(nm)) Σ_ij h_ij(x) a_ij a_ijᵀ,   h_ij(x) = φ''(a_ijᵀx, b_ij).
@@ -28,7 +28,7 @@ and iteration):
 
   ``H^k ⪰ ∇²f(x^k)``, so ``H^k + λI`` is positive definite.
 
-* CNL (cubic NEWTON-LEARN, as reconstructed in SPEC from the authors' code): NL2's learning and
+* CNL (cubic NEWTON-LEARN, as reconstructed from the authors' code): NL2's learning and
   Hessian model, and the cubic-regularised step
 
       x^{k+1} = x^k + argmin_s ⟨∇P(x^k), s⟩ + ½⟨(H^k + λI)s, s⟩ + (M/6)‖s‖³,
@@ -43,7 +43,7 @@ change. Hessian accumulation goes through ``_ext.gathered_outer_accumulate`` (th
 ``csrc`` kernel when built).
 
 Reference: R. Islamov, X. Qian, P. Richtárik, "Distributed second order methods with fast rates
-and compressed communication", ICML 2021 (seed 002), Algorithms 1 and 2.
+and compressed communication", ICML 2021, Algorithms 1 and 2.
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def glm_newton(
     x0: Tensor | None = None,
 ) -> tuple[Tensor, list[float]]:
     """Exact Newton on ``P`` in float64: ``x ← x − ∇²P(x)⁻¹ ∇P(x)``; returns ``(x, [P(x^k)])``
-    (``P(x^k)`` for ``k = 0..iterations``). The optimum of SPEC §4.4 (20+ iterations) and the
+    (``P(x^k)`` for ``k = 0..iterations``). The optimum (20+ Newton iterations) and the
     baseline of the benchmarks."""
     A, b = features.double(), targets.double()
     shard, phi = _Shard(A), glm_loss(loss)
@@ -333,7 +333,7 @@ def _check_positive(name: str, value: Any, *, strict: bool = True) -> float:
 
 
 class NewtonLearn(torch.optim.Optimizer):
-    r"""NEWTON-LEARN (NL1, NL2) and CUBIC-NEWTON-LEARN for GLMs (SPEC §4.4, seed 002).
+    r"""NEWTON-LEARN (NL1, NL2) and CUBIC-NEWTON-LEARN for GLMs.
 
     Update formulas (``C`` a fresh compressor draw per node and iteration):
 

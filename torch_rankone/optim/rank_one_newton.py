@@ -1,16 +1,11 @@
-"""RankOneNewton: Newton step with a random, symmetrised rank-one Hessian estimate (seed 000).
+"""RankOneNewton: a Newton-type step from one Hessian-vector product ``h = Hu`` per step.
 
-SPEC §4.1. Each step draws ``u`` uniformly on the unit sphere of all parameters jointly, takes
-one HVP ``h = H u`` and forms
-
-    S = (N/2) (h uᵀ + u hᵀ),   D = S + δI,   x ← x − lr · (D + αI)⁻¹ ∇f(x).
-
-``E[N H u uᵀ] = H`` (unbiased before symmetrising). ``(D + αI)⁻¹`` is a rank-2 Woodbury solve with
-``U = [h, u]``, ``C = (N/2)[[0, 1], [1, 0]]``, ``c = δ + α``: two passes over the parameters,
-fused with the update into one kernel (``_ext.lowrank_solve_update``) when all groups share ``lr``
-and ``c``.
-
-Reference: A. Semenov, "Rank-one approximation of the Hessian", MLO group meeting, 2025.
+Default: a diagonal-plus-low-rank preconditioner — the Hutchinson diagonal ``u ⊙ h`` averaged as
+AdaHessian does, plus the Nyström approximation ``Y (ΩᵀY)₊⁺ Yᵀ`` of the last sketches — solved by
+Woodbury in the diagonally scaled space. ``preconditioner="isotropic"``: the symmetrised
+rank-one estimate ``S = (N/2)(h uᵀ + u hᵀ)`` of A. Semenov's "Rank-one approximation of the
+Hessian" (2025), ``x ← x − lr·γ (S + cI)⁻¹ ∇f(x)``, a rank-2 Woodbury solve fused with the update
+in one kernel (``_ext.lowrank_solve_update``) when all groups share ``lr`` and ``c``.
 """
 
 from __future__ import annotations

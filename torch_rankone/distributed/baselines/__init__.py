@@ -1,4 +1,4 @@
-"""Baselines for NewtonLearn's experiments (seed 002, §4; SPEC §4.4): distributed Newton,
+"""Baselines for NewtonLearn's experiments (Islamov et al. 2021, §4): distributed Newton,
 DCGD, DIANA, ADIANA, BFGS and DINGO over simulated nodes.
 
 Every baseline has NewtonLearn's interface and bookkeeping: ``Method([x], features, targets,

@@ -1,6 +1,6 @@
 """What every baseline shares: the GLM split over simulated nodes, and the optimizer shell.
 
-The problem is NewtonLearn's (SPEC §4.4, seed 002 eq. (1)): ``n`` nodes with ``m`` rows each,
+The problem is NewtonLearn's (Islamov et al. 2021, eq. (1)): ``n`` nodes with ``m`` rows each,
 
     P(x) = (1/n) Σ_i P_i(x),   P_i(x) = f_i(x) + (λ/2)‖x‖²,   f_i(x) = (1/m) Σ_j φ(a_ijᵀx, b_ij).
 
@@ -107,7 +107,7 @@ def smoothness(nodes: GLMNodes, lam: float) -> tuple[float, float]:
 
 
 def paper_message_bits(compressor: Compressor, dim: int) -> float:
-    """One compressed ``dim``-vector in the seed's count (§4, "Compression operators"):
+    """One compressed ``dim``-vector in the paper's count (§4, "Compression operators"):
     ``32r + log2 C(dim, r)`` for random-r sparsification, ``2.8·dim + 32`` for random dithering
     with ``s = √dim`` (QSGD's Elias code, which the seed quotes), ``9·dim`` for natural
     compression; the compressor's own ``bits`` otherwise."""

@@ -30,8 +30,8 @@ def bfgs_inverse_update(Hinv: Tensor, s: Tensor, y: Tensor) -> Tensor:
 
 
 class BFGS(GLMBaseline):
-    r"""BFGS on the server with unit steps (seed 002, §4: "as the initial approximation of the
-    Hessian in BFGS we use H⁰ = ∇²P(x⁰), and the stepsize is 1"):
+    r"""BFGS on the server with unit steps (Islamov et al. 2021, §4: "as the initial
+    approximation of the Hessian in BFGS we use H⁰ = ∇²P(x⁰), and the stepsize is 1"):
 
     .. math::
         x^{k+1} = x^k - B_k^{-1} \nabla P(x^k),\qquad B_0 = \nabla^2 P(x^0),

@@ -1,8 +1,8 @@
-"""First-order baselines with compressed gradients: DCGD, DIANA and ADIANA (seed 002, §4).
+"""First-order baselines with compressed gradients: DCGD, DIANA, ADIANA (Islamov et al. 2021, §4).
 
 Every node compresses a ``d``-vector per message with a fresh draw of an unbiased compressor
 ``C`` of variance ``ω`` (``E C(v) = v``, ``E‖C(v)‖² ≤ (ω+1)‖v‖²``); the server holds no data and
-averages. The stepsizes default to the theoretical ones, as in the seed's experiments ("we use
+averages. The stepsizes default to the theoretical ones, as in the paper's experiments ("we use
 the theoretical parameters (e.g., stepsizes) for all the three algorithms"), with ``L`` the
 smoothness constant of every local function ``P_i`` and ``μ = λ`` its strong convexity
 (:func:`~torch_rankone.distributed.baselines._common.smoothness`):

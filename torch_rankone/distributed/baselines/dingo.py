@@ -38,7 +38,7 @@ class DINGO(GLMBaseline):
 
     then ``x^{k+1} = x^k + α p`` with the largest ``α ∈ {1, 2⁻¹, …, 2^{−max_backtracks}}`` such
     that ``‖∇P(x^k + α p)‖² ≤ ‖g‖² + 2αρ⟨p, h⟩`` (if none passes, the smallest, counted in
-    ``state["line_search_failures"]``). Seed 002 §4 uses the DINGO paper's constants
+    ``state["line_search_failures"]``). Islamov et al. 2021, §4, uses the DINGO paper's constants
     ``θ = 10⁻⁴``, ``φ = 10⁻⁶``, ``ρ = 10⁻⁴`` (the defaults) and ``max_backtracks = 10``.
 
     Communication, one ``d``-vector (``32d`` bits) per node for: ``∇P_i(x^0)`` (first iteration

@@ -1,4 +1,4 @@
-"""Distributed Newton's method: the nodes send their local Hessians (seed 002, §2.1–2.2)."""
+"""Distributed Newton's method: nodes send their local Hessians (Islamov et al. 2021, §2.1–2.2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["DistributedNewton"]
 
 
 class DistributedNewton(GLMBaseline):
-    r"""Newton's method in the parameter-server model (seed 002, §2.1 and §2.2):
+    r"""Newton's method in the parameter-server model (Islamov et al. 2021, §2.1 and §2.2):
 
     .. math::
         x^{k+1} = x^k - \nabla^2 P(x^k)^{-1} \nabla P(x^k),\qquad
@@ -36,7 +36,7 @@ class DistributedNewton(GLMBaseline):
     The iterates are the same in both variants; only the bill differs.
 
     Reference: R. Islamov, X. Qian, P. Richtárik, "Distributed second order methods with fast
-    rates and compressed communication", ICML 2021 (seed 002), §2.1–2.2.
+    rates and compressed communication", ICML 2021, §2.1–2.2.
 
     Args:
         params: One parameter with ``d`` elements, ``x^0``.
