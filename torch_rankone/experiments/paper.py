@@ -20,7 +20,8 @@ code counts it. The point ``k`` of a curve is ``(bits sent before x^k was known,
 
 The claim checked (Islamov et al. 2021, §4): NL1 and NL2 with RandK(1) reach ``P − P* ≤ 1e-10``
 with fewer bits than every baseline. A baseline that does not reach 1e-10 within its caps
-(iterations, or ``--budget`` times NL's bits) is reported as such, with the bound on the factor that follows.
+(iterations, or ``--budget`` times NL's bits) is reported as such, with the bound on the factor
+that follows.
 """
 
 from __future__ import annotations
