@@ -395,7 +395,13 @@ def write_outputs(
     wall: list[dict] | None = None,
 ) -> dict[str, Path]:
     """CSVs, the figure and a Markdown summary; returns their paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "the experiment runner's figures need matplotlib, which torch_rankone does not "
+            "install: pip install 'torch_rankone[examples]' (or matplotlib)"
+        ) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -393,6 +393,22 @@ class NewtonLearn(torch.optim.Optimizer):
 
     Synchronisation: each step reads the number of changed coefficients on the host (the size
     of the messages), and CNL's 1-D secular solve runs on the host.
+
+    Example (logistic regression over 4 simulated nodes, 1 coordinate per message):
+        >>> import torch
+        >>> from torch_rankone import NewtonLearn
+        >>> from torch_rankone.distributed import RandK
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(40, 5, generator=g, dtype=torch.float64)
+        >>> b = torch.where(A[:, 0] > 0, 1.0, -1.0).to(torch.float64)
+        >>> x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        >>> opt = NewtonLearn(
+        ...     [x], A, b, loss="logistic", lam=0.1, variant="nl1", compressor=RandK(1),
+        ...     num_nodes=4, generator=g,
+        ... )
+        >>> losses = [float(opt.step()) for _ in range(30)]
+        >>> losses[-1] < 0.6 * losses[0]
+        True
     """
 
     def __init__(
