@@ -2,13 +2,14 @@
 
 MLP 784-1024-256-10 (1,068,810 parameters), CPU. Every step includes its forward/backward work:
 ``Adam`` = forward + backward + update; ``gradient`` = forward + backward; RankOneNewton =
-forward + backward with a graph + one HVP + the update: the default diagonal-plus-Nyström step
+forward + backward with a graph + one HVP + the update — the default diagonal-plus-Nyström step
 (next to AdaHessian, the same cost model) and the isotropic rank-2 Woodbury update, timed with
-the compiled fused ``lowrank_solve_update`` ("ext") and with the unfused PyTorch reference ("no ext", the
-extension switched off in-process) side by side; FisherNewton = forward + the per-sample Gram
-(implicit for Linear layers with ``module=``, else B materialised per-sample gradients) + the B×B
-Woodbury update (rank B = 32 > 8: no compiled op applies, so one variant). Goals: RankOneNewton ≤
-3.5 Adam steps (batch 128), FisherNewton with B = 32 ≤ 6 Adam steps (batch 32).
+the compiled fused ``lowrank_solve_update`` ("ext") and with the unfused PyTorch reference
+("no ext", the extension switched off in-process) side by side; FisherNewton = forward + the
+per-sample Gram (implicit for Linear layers with ``module=``, else B materialised per-sample
+gradients) + the B×B Woodbury update (rank B = 32 > 8: no compiled op applies, so one variant).
+Goals: RankOneNewton ≤ 3.5 Adam steps (batch 128), FisherNewton with B = 32 ≤ 6 Adam steps
+(batch 32).
 
 ``python -m pytest tests/benchmarks/test_bench_optim.py --benchmark-enable -s`` prints the ratios
 (minimum over 30 rounds, the reproducible figure on a shared machine; one run) and writes
