@@ -90,3 +90,41 @@ def test_half_precision_finite_differences_are_refused_before_anything_changes(d
     with pytest.raises(CurvatureError, match="float32 or float64"):
         evaluate(params, closure, "fd")
     assert not calls and all(torch.equal(p, s) for p, s in zip(params, saved))
+
+
+def test_random_numbers_drawn_between_products_are_not_replayed():
+    model, (X, Y) = _model(), _data()
+    params = list(model.parameters())
+    v = [torch.ones_like(p) for p in params]
+    torch.manual_seed(3)
+    ev = evaluate(params, _backward_closure(model, params, X, Y), "fd", module=model)
+    a = torch.rand(4)
+    ev.hvp_fn(v)
+    b = torch.rand(4)
+    ev.hvp_fn(v)
+
+    torch.manual_seed(3)
+    _backward_closure(model, params, X, Y)()  # one closure call: the same draws
+    assert torch.equal(torch.rand(8), torch.cat([a, b]))
+
+
+def test_loss_closure_with_fd_sees_the_same_masks():
+    model, (X, Y) = _model(), _data()
+    params = list(model.parameters())
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(7 + i), dtype=F64)
+         for i, p in enumerate(params)]  # fmt: skip
+    stats = [b.clone() for b in model.buffers()]
+
+    torch.manual_seed(5)
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(X), Y), params, create_graph=True)
+    exact = torch.autograd.grad(grads, params, grad_outputs=v)
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), stats):
+            b.copy_(s)
+
+    torch.manual_seed(5)
+    ev = evaluate(params, lambda: nn.functional.cross_entropy(model(X), Y), "fd", module=model)
+    assert ev.source == "loss_closure"
+    fd = ev.hvp_fn(v)
+    num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(fd, exact)))
+    assert float(num / torch.sqrt(sum((b**2).sum() for b in exact))) < 1e-7

@@ -7,6 +7,7 @@ found by walking the stack to the first frame outside these packages.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -38,12 +39,15 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
     if frame is None:
         warnings.warn(message, category, stacklevel=2)
         return
-    module_globals = frame.f_globals
+    module_globals, filename = frame.f_globals, frame.f_code.co_filename
     warnings.warn_explicit(
         message,
         category,
-        frame.f_code.co_filename,
+        filename,
         frame.f_lineno,
         module=module_globals.get("__name__", "<unknown>"),
         registry=module_globals.setdefault("__warningregistry__", {}),
+        # the source line in the message, as warnings.warn shows; only for files: linecache
+        # raises ImportError for `python -c` code, whose __main__ has a built-in loader
+        module_globals=module_globals if os.path.isfile(filename) else None,
     )

@@ -110,9 +110,11 @@ class _Rerun:
     """Re-runs a closure for finite differences as if it ran once per step.
 
     Every re-run starts from the random state the first call started from (the same dropout
-    masks: the difference quotient must differentiate one function), and afterwards the random
-    state and, with ``module``, the module's buffers (BatchNorm running statistics) are put back
-    to what the first call left, so they advance once per step.
+    masks: the difference quotient must differentiate one function). Afterwards the random state
+    is put back to what it was just before the re-run, so the global stream advances as if the
+    closure ran once per step (and numbers drawn between products are not replayed); with
+    ``module``, the module's buffers (BatchNorm running statistics) are put back to what the
+    first call left, so they advance once per step too.
     """
 
     def __init__(self, module: torch.nn.Module | None) -> None:
@@ -131,16 +133,16 @@ class _Rerun:
             torch.cuda.set_rng_state_all(state[1])
 
     def first_call_done(self) -> None:
-        self.after = self._rng()
         buffers = [] if self.module is None else list(self.module.buffers())
         self.buffers = [(b, b.detach().clone()) for b in buffers]
 
     def __call__(self, fn: Callable[[], Any]) -> Any:
+        current = self._rng()
         self._set_rng(self.before)
         try:
             return fn()
         finally:
-            self._set_rng(self.after)
+            self._set_rng(current)
             with torch.no_grad():
                 for b, saved in self.buffers:
                     b.copy_(saved)
@@ -239,8 +241,10 @@ def evaluate(
     if hvp_mode == "fd":
 
         def grad_at_point() -> TensorList:
+            # differentiate inside the re-run: restoring the buffers in place first would
+            # invalidate the graph (BatchNorm's backward saves its running statistics)
             with torch.enable_grad():
-                return _loss_grads(rerun(closure), params, create_graph=False)
+                return rerun(lambda: _loss_grads(closure(), params, create_graph=False))
 
         grads = _loss_grads(loss, params, create_graph=False)
         hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
