@@ -53,7 +53,7 @@ FISHER_BATCH = 128
 #: directions the rank-one estimate does not see. Used by the tests.
 RANK_ONE_TUNED = {"damping": 50.0, "lr": 200.0}
 #: FisherNewton: α = 0.1, the Newton step (lr = 1). Used by the tests.
-FISHER_TUNED = {"damping": 0.1, "lr": 1.0}
+FISHER_TUNED = {"damping": 0.1, "lr": 1.0, "damping_mode": "fixed"}
 #: RankOneNewton with the slides' step (lr = 1) and these fixed α
 FIXED_ALPHAS = (0.1, 1.0)
 #: gradient descent's tuned step: the effective step of RANK_ONE_TUNED (lr/α = 4)

@@ -1,4 +1,4 @@
-"""SecondOrderCallback with a real ``lightning.Trainer`` on CPU (SPEC §6, issue 8).
+"""SecondOrderCallback with a real ``lightning.Trainer`` on CPU.
 
 A 2-16-3 tanh MLP learns a 3-class problem (Gaussian blobs); every optimizer fits it for a few
 epochs under automatic optimization, logs its diagnostics to a CSVLogger, and resumes from a
@@ -34,7 +34,7 @@ pytestmark = [
 #: optimizer factories with hyper-parameters that fit the blobs in a few epochs
 OPTIMIZERS = {
     "RankOneNewton": lambda ps: RankOneNewton(ps, lr=5.0, damping=5.0),
-    "FisherNewton": lambda ps: FisherNewton(ps, lr=1.0, damping=0.1),
+    "FisherNewton": lambda ps: FisherNewton(ps),  # the defaults
     "NeumannIHVP": lambda ps: NeumannIHVP(ps, lr=1.0, damping=1.0, num_terms=5),
     "RankOneNewton-fd": lambda ps: RankOneNewton(ps, lr=5.0, damping=5.0, hvp="fd"),
 }
@@ -113,7 +113,8 @@ def test_fit_logs_and_resumes(tmp_path, name):
 
     rows = metrics_rows(trainer)
     logged = {k for row in rows for k, v in row.items() if v != ""}
-    specific = {"RankOneNewton": ["damping", "safeguard_hits"], "FisherNewton": ["damping"],
+    # safeguard_hits: isotropic RankOneNewton only (the default preconditioner has no safeguard)
+    specific = {"RankOneNewton": ["damping"], "FisherNewton": ["damping"],
                 "NeumannIHVP": ["scale", "neumann_fallbacks"]}  # fmt: skip
     keys = ["skipped_steps", "step_norm", *specific[name.removesuffix("-fd")]]
     expected = {"second_order/" + k for k in keys}
@@ -188,3 +189,46 @@ def test_bf16_mixed_trains(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         make_trainer(tmp_path, epochs=2, precision="bf16-mixed").fit(model, loader(data))
     assert model.full_loss(data) < 0.7 * loss0
+
+
+def _fisher_one_step(tmp_path: Path, optimizer=None, **trainer_kwargs):
+    """One FisherNewton step (one batch of 32) under a Trainer; returns the parameter change,
+    the gradient at the start and the optimizer."""
+    data = blobs(32)
+    model = Classifier("FisherNewton")
+    if optimizer is not None:
+        model.configure_optimizers = lambda: optimizer(model.parameters())
+    x, y = data.tensors
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model.net(x), y), model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, epochs=1, **trainer_kwargs)
+    trainer.fit(model, loader(data))
+    step = torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), before)])
+    return step, torch.cat([g.reshape(-1) for g in grads]), trainer.optimizers[0]
+
+
+def test_fisher_honours_gradient_clip_val(tmp_path):
+    """Trainer(gradient_clip_val=c) clips the gradient FisherNewton's step uses by norm, as
+    clip_grad_norm_ would: the step is min(1, c/(‖g‖ + 1e-6)) times the unclipped step."""
+    full, g, opt = _fisher_one_step(tmp_path / "a")
+    assert opt.param_groups[0]["max_grad_norm"] is None
+    clip = 0.1 * float(g.norm())
+    clipped, _, opt = _fisher_one_step(tmp_path / "b", gradient_clip_val=clip)
+    assert opt.param_groups[0]["max_grad_norm"] == pytest.approx(clip)
+    coef = clip / (float(g.norm()) + 1e-6)
+    torch.testing.assert_close(
+        clipped, coef * full, rtol=1e-4, atol=1e-4 * coef * float(full.abs().max())
+    )
+    same, _, _ = _fisher_one_step(tmp_path / "c", gradient_clip_val=10 * float(g.norm()))
+    torch.testing.assert_close(same, full, rtol=1e-5, atol=1e-7)
+
+
+def test_fisher_refuses_value_clipping_and_conflicting_norms(tmp_path):
+    with pytest.raises(RuntimeError, match="gradient_clip_algorithm='norm'"):
+        _fisher_one_step(tmp_path / "a", gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    with pytest.raises(RuntimeError, match="disagree"):
+        _fisher_one_step(
+            tmp_path / "b",
+            optimizer=lambda ps: FisherNewton(ps, max_grad_norm=1.0),
+            gradient_clip_val=0.5,
+        )

@@ -11,6 +11,10 @@ gradients) + the B×B Woodbury update (rank B = 32 > 8: no compiled op applies, 
 Goals: RankOneNewton ≤ 3.5 Adam steps (batch 128), FisherNewton with B = 32 ≤ 6 Adam steps
 (batch 32).
 
+CNN on 8×8 digit-sized images (conv 1→16→32 3×3, ReLU, linear 2048→10: 25,290 parameters), batch
+64, one thread: FisherNewton with ``module=`` (per-sample Conv2d gradients from input patches and
+output gradients) ≤ 3 Adam steps (forward + backward + update).
+
 ``python -m pytest tests/benchmarks/test_bench_optim.py --benchmark-enable -s`` prints the ratios
 (minimum over 30 rounds, the reproducible figure on a shared machine; one run) and writes
 ``tests/benchmarks/results/optim_cpu.txt``.
@@ -170,6 +174,63 @@ def test_fisher_newton(benchmark, implicit):
     _bench(benchmark, name, lambda: opt.step(lambda: _ce(model, X, y, "none")))
 
 
+class _DigitsCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+CNN_ADAM = "CNN: Adam (batch 64, 1 thread)"
+CNN_FISHER = "CNN: FisherNewton, module= (batch 64, 1 thread)"
+
+
+@pytest.fixture
+def cnn_problem():
+    """The CNN, a batch of 64 images, and one thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(64)
+    X, y = torch.rand(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    yield _DigitsCNN(), X, y
+    torch.set_num_threads(threads)
+
+
+def test_adam_cnn(benchmark, cnn_problem):
+    model, X, y = cnn_problem
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        _ce(model, X, y).backward()
+        opt.step()
+
+    _bench(benchmark, CNN_ADAM, run)
+
+
+def test_fisher_newton_cnn(benchmark, cnn_problem):
+    """``module=model``: Conv2d rows from input patches and output gradients."""
+    model, X, y = cnn_problem
+    opt = FisherNewton(model.parameters(), lr=1e-3, module=model)
+    _bench(benchmark, CNN_FISHER, lambda: opt.step(lambda: _ce(model, X, y, "none")))
+
+
+def test_cnn_ratio():
+    """FisherNewton step on the CNN ≤ 3 Adam steps (when timings are enabled)."""
+    if CNN_ADAM not in _best or CNN_FISHER not in _best:
+        pytest.skip("timings need --benchmark-enable")
+    ratio = _best[CNN_FISHER] / _best[CNN_ADAM]
+    print(
+        f"\nCNN: FisherNewton {1e3 * _best[CNN_FISHER]:.2f} ms, Adam {1e3 * _best[CNN_ADAM]:.2f} ms"
+    )
+    assert ratio <= 3.0, f"FisherNewton step = {ratio:.2f} Adam steps on the CNN"
+
+
 def test_report_ratios():
     if "Adam (batch 128)" not in _best:
         pytest.skip("timings need --benchmark-enable")
@@ -179,9 +240,16 @@ def test_report_ratios():
         f"{'step':56s} {'min ms':>10s} {'/ Adam':>8s} {'/ grad':>8s}",
     ]
     for name, t in _best.items():
+        if name.startswith("CNN"):
+            continue
         batch = "32" if "32" in name else "128"
         adam, grad = _best[f"Adam (batch {batch})"], _best[f"gradient (batch {batch})"]
         lines.append(f"{name:56s} {1e3 * t:10.2f} {t / adam:8.2f} {t / grad:8.2f}")
+    if CNN_ADAM in _best and CNN_FISHER in _best:
+        lines.append("CNN 1-16-32 3x3 + linear (25,290 parameters), float32, CPU, 1 thread")
+        for name in (CNN_ADAM, CNN_FISHER):
+            ratio = _best[name] / _best[CNN_ADAM]
+            lines.append(f"{name:56s} {1e3 * _best[name]:10.2f} {ratio:8.2f}")
     report = "\n".join(lines)
     print("\n" + report)
     RESULTS.write_text(report + "\n")

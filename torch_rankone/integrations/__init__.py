@@ -1,4 +1,4 @@
-"""Integrations with training frameworks (SPEC §6).
+"""Integrations with training frameworks.
 
 * :mod:`torch_rankone.integrations.lightning` — :class:`SecondOrderCallback` for a
   ``lightning.Trainer`` (extra ``pip install torch_rankone[lightning]``);

@@ -1,12 +1,12 @@
-"""HuggingFace integration: :class:`SecondOrderTrainer`, a ``transformers.Trainer`` (SPEC §6).
+"""HuggingFace integration: :class:`SecondOrderTrainer`, a ``transformers.Trainer``.
 
 ``Trainer`` calls ``accelerator.backward(loss)`` in ``training_step`` and later
 ``optimizer.step()`` with no closure, so a plain ``Trainer`` gives our optimizers no curvature
 source (their ``step`` raises ``CurvatureError``). ``SecondOrderTrainer`` supplies one:
 
 * ``RankOneNewton`` / ``NeumannIHVP``: ``training_step`` back-propagates with
-  ``create_graph=True``; ``step()`` then takes exact HVPs from the gradients' graph
-  (SPEC §4, source 1). HF's gradient clipping scales ``.grad`` in place without recording it in
+  ``create_graph=True``; ``step()`` then takes exact HVPs from the gradients' graph.
+  HF's gradient clipping scales ``.grad`` in place without recording it in
   the graph, so the step uses the clipped gradient and the unclipped curvature, which is what
   clipping means for a Newton step. Gradient accumulation keeps every micro-batch's graph
   until the step (memory grows with ``gradient_accumulation_steps``).
@@ -14,8 +14,10 @@ source (their ``step`` raises ``CurvatureError``). ``SecondOrderTrainer`` suppli
   (:meth:`SecondOrderTrainer.compute_per_sample_loss`, override it for other heads) and keeps
   them; the step receives a closure returning those of all accumulated micro-batches, so ``D``
   is the Fisher of the whole accumulated batch. FisherNewton forms its own gradient, so
-  ``max_grad_norm`` is applied by scaling the step — exact, as the step is linear in the
-  gradient. (HF's logged ``grad_norm`` stays 0: it reads ``.grad`` before the step.)
+  ``TrainingArguments.max_grad_norm`` (when > 0) becomes its ``max_grad_norm``: the optimizer
+  clips the gradient of the accumulated batch exactly as ``clip_grad_norm_`` would, and with
+  it the step (which is linear in the gradient). (HF's logged ``grad_norm`` stays 0: it reads
+  ``.grad`` before the step; afterwards ``.grad`` holds the clipped gradient.)
 
 The optimizer and an LR scheduler come in through the standard ``optimizers=(opt, scheduler)``
 argument (``scheduler=None``: HF's own, from ``lr_scheduler_type``). fp16 is refused (its
@@ -140,7 +142,7 @@ class SecondOrderTrainer(transformers.Trainer):
 
 class _ClosureStep(torch.optim.Optimizer):
     """The Trainer's view of an optimizer that needs a closure: ``step()`` passes the trainer's,
-    and applies ``max_grad_norm`` by scaling the step.
+    and hands ``TrainingArguments.max_grad_norm`` (when > 0) to FisherNewton's ``max_grad_norm``.
 
     Like accelerate's ``AcceleratedOptimizer`` it wraps without ``Optimizer.__init__``: state,
     param groups (which LR schedulers edit) and ``state_dict`` are the wrapped optimizer's.
@@ -181,17 +183,12 @@ class _ClosureStep(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         max_norm = self._max_grad_norm()
-        before = [p.detach().clone() for p in params] if max_norm > 0 else None
-        loss = self.optimizer.step(closure or self._closure)
-        if before is not None:
-            # The step is linear in the gradient g (left in .grad): clipping g to max_norm, as
-            # torch's clip_grad_norm_ would, scales the step by the same coefficient.
-            norms = [p.grad.norm() for p in params if p.grad is not None]
-            coef = (max_norm / (torch.stack(norms).norm() + 1e-6)).clamp(max=1.0)
-            for p, p0 in zip(params, before):
-                p.copy_(torch.lerp(p0, p, coef))
-        return loss
+        if max_norm is not None and max_norm > 0:
+            # the optimizer clips the gradient its step uses, on device (no copy of the
+            # parameters, no host sync); max_grad_norm=0 leaves the optimizer's own setting
+            self.optimizer.defaults["max_grad_norm"] = float(max_norm)
+            for group in self.optimizer.param_groups:
+                group["max_grad_norm"] = float(max_norm)
+        return self.optimizer.step(closure or self._closure)

@@ -1,4 +1,4 @@
-"""Lightning integration: :class:`SecondOrderCallback` (SPEC §6).
+"""Lightning integration: :class:`SecondOrderCallback`.
 
 Under automatic optimization Lightning hands ``optimizer.step`` a closure that runs
 ``training_step``, ``zero_grad`` and ``backward()`` and returns a *detached* loss. What the
@@ -6,18 +6,23 @@ callback adds to that depends on the optimizer ``configure_optimizers`` returned
 
 * ``RankOneNewton`` / ``NeumannIHVP`` with ``hvp="auto"`` or ``"exact"``: the module's ``backward``
   is made to call ``loss.backward(create_graph=True)``, so the gradients carry their graph and the
-  optimizer takes exact Hessian-vector products by double backward (SPEC §4, source 1);
+  optimizer takes exact Hessian-vector products by double backward;
 * the same with ``hvp="fd"``: nothing changes; the optimizer re-runs Lightning's closure at
-  shifted parameters for finite-difference HVPs (source 3). Each extra call re-runs the
+  shifted parameters for finite-difference HVPs. Each extra call re-runs the
   ``training_step``, the hooks and gradient clipping;
-* ``FisherNewton`` (per-sample losses, source 2): ``training_step`` returns the **unreduced**
+* ``FisherNewton`` (per-sample losses): ``training_step`` returns the **unreduced**
   per-sample losses (``reduction="none"``); the module's ``backward`` keeps them instead of
   back-propagating, and the closure FisherNewton receives returns them.
 
+  ``Trainer(gradient_clip_val=...)`` becomes FisherNewton's ``max_grad_norm``: it clips the
+  gradient its step uses exactly as ``clip_grad_norm_`` would (Lightning's own clipping finds
+  ``.grad`` empty, since FisherNewton forms the gradient inside ``step``).
+
 It refuses, with a message, what cannot work: fp16 loss scaling (``precision="16-mixed"``:
-Lightning then calls ``scaler.step(optimizer)`` without a closure and the gradients are scaled)
-and FisherNewton with ``accumulate_grad_batches > 1`` (accumulation batches run the closure
-outside ``step``, so their per-sample losses would be lost).
+Lightning then calls ``scaler.step(optimizer)`` without a closure and the gradients are scaled),
+FisherNewton with ``accumulate_grad_batches > 1`` (accumulation batches run the closure
+outside ``step``, so their per-sample losses would be lost) and FisherNewton with
+``gradient_clip_algorithm="value"`` (its step can only be clipped by norm).
 
 After every optimizer step it logs, through the module's logger, ``damping``,
 ``safeguard_hits``, ``skipped_steps``, ``neumann_fallbacks``, ``scale``, ``lambda_max`` and
@@ -72,6 +77,7 @@ class SecondOrderCallback(pl.Callback):
         self.log_step_norm = log_step_norm
         self._mode: str | None = None  # "graph" | "fd" | "per_sample", fixed at fit start
         self._per_sample: Tensor | None = None
+        self._max_grad_norm: float | None = None  # FisherNewton: what its steps clip to
         self._before: list[Tensor] | None = None
         self._steps = 0
 
@@ -109,6 +115,7 @@ class SecondOrderCallback(pl.Callback):
                     "runs accumulation batches outside optimizer.step, so their per-sample "
                     "losses cannot reach the optimizer); use a larger batch instead."
                 )
+            self._max_grad_norm = _fisher_max_grad_norm(opt, trainer)
             self._mode = "per_sample"
         else:
             self._mode = "fd" if getattr(opt, "hvp_mode", "auto") == "fd" else "graph"
@@ -141,6 +148,9 @@ class SecondOrderCallback(pl.Callback):
 
     def _wrap_optimizer_step(self, optimizer_step: Callable[..., None]) -> Callable[..., None]:
         def step_with_per_sample_losses(epoch, batch_idx, optimizer, optimizer_closure=None):
+            # set at every step: a resumed checkpoint restores the param groups after fit start
+            _set_max_grad_norm(optimizer, self._max_grad_norm)
+
             def closure() -> Tensor:
                 optimizer_closure()  # training_step, hooks, and the backward kept the losses
                 losses, self._per_sample = self._per_sample, None
@@ -173,6 +183,43 @@ class SecondOrderCallback(pl.Callback):
             ).float()
             self._before = None
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+def _fisher_max_grad_norm(opt: FisherNewton, trainer: pl.Trainer) -> float | None:
+    """The ``max_grad_norm`` FisherNewton's steps use under this Trainer: its
+    ``gradient_clip_val`` if set, else the optimizer's own.
+
+    FisherNewton forms its gradient inside ``step`` (``.grad`` is empty when Lightning clips), so
+    Lightning's own clipping has nothing to act on; the optimizer clips the gradient its step
+    uses instead, exactly as ``clip_grad_norm_`` would (and the step with it: it is linear in the
+    gradient). Clipping by value has no such equivalent and is refused, and so is a
+    ``max_grad_norm`` given to the optimizer that disagrees with the Trainer's.
+    """
+    own = opt.param_groups[0].get("max_grad_norm")
+    clip = trainer.gradient_clip_val
+    if not clip:
+        return own
+    algorithm = trainer.gradient_clip_algorithm
+    if algorithm is not None and str(getattr(algorithm, "value", algorithm)).lower() != "norm":
+        raise RuntimeError(
+            "SecondOrderCallback: FisherNewton supports gradient_clip_algorithm='norm' only: it "
+            "forms its gradient inside step() and clips it by norm (max_grad_norm), which "
+            "scales its step exactly; clipping by value would change the direction in a way the "
+            "step cannot reproduce. Use gradient_clip_algorithm='norm'."
+        )
+    if own is not None and own != clip:
+        raise RuntimeError(
+            f"SecondOrderCallback: FisherNewton(max_grad_norm={own}) and "
+            f"Trainer(gradient_clip_val={clip}) disagree; set only one of them."
+        )
+    return float(clip)
+
+
+def _set_max_grad_norm(optimizer: Any, max_norm: float | None) -> None:
+    opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps it
+    opt.defaults["max_grad_norm"] = max_norm
+    for group in opt.param_groups:
+        group["max_grad_norm"] = max_norm
 
 
 def _params(opt: torch.optim.Optimizer) -> list[Tensor]:
