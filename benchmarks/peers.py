@@ -571,7 +571,8 @@ def write_outputs(
     quick: bool = False,
     command: str = "python -m benchmarks.peers",
 ) -> None:
-    """``peers.csv``, ``peers_curves.json``, ``peers.md``, the figure, and ``peers_runs.json``
+    """``peers.csv``, ``peers_curves.json``, ``peers.md``, ``peers_headline.md`` (the README's
+    table), the figure, and ``peers_runs.json``
     (every run, complete: what ``--merge`` reads to combine runs made in parts)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -581,6 +582,7 @@ def write_outputs(
     write_csv(results, out / "peers.csv")
     write_curves(results, out / "peers_curves.json")
     (out / "peers.md").write_text(markdown(results, skipped, total, quick=quick, command=command))
+    (out / "peers_headline.md").write_text(headline(results))
     if figure is not None:
         plot(results, Path(figure))
 
@@ -697,6 +699,35 @@ def best_settings(results: Sequence[RunResult]) -> dict[tuple[str, str], str]:
         if (wl, opt) not in best or score < best[(wl, opt)][0]:
             best[(wl, opt)] = (score, setting)
     return {k: s for k, (_, s) in best.items()}
+
+
+def headline(results: Sequence[RunResult]) -> str:
+    """One table for the README: every optimizer from its defaults (rows) on every workload
+    (columns), the mean final training loss over the seeds and, in brackets, the mean final loss
+    at the best grid setting when that is lower."""
+    groups, best = _groups(results), best_settings(results)
+    workloads = list(dict.fromkeys(r.workload for r in results))
+    optimizers = list(dict.fromkeys(r.optimizer for r in results))
+    lines = [
+        "| optimizer (defaults) | " + " | ".join(workloads) + " |",
+        "|---|" + "---:|" * len(workloads),
+    ]
+    for opt in optimizers:
+        cells = []
+        for wl in workloads:
+            runs = groups.get((wl, opt, "defaults"))
+            if not runs:
+                cells.append("—")
+                continue
+            score = _score(runs)
+            cell = _fmt(score) if math.isfinite(score) else "diverged"
+            tuned = best.get((wl, opt), "defaults")
+            tuned_score = _score(groups[(wl, opt, tuned)])
+            if tuned != "defaults" and tuned_score < 0.99 * score:
+                cell += f" ({_fmt(tuned_score)})"
+            cells.append(cell)
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x: float, digits: int = 3) -> str:
