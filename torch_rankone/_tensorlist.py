@@ -85,9 +85,10 @@ def rademacher_like(like: Sequence[Tensor], generator: torch.Generator | None = 
     the lowest-variance Hutchinson probe of a diagonal."""
     device = generator.device if generator is not None else torch.device("cpu")
     return [
-        (torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1).to(
-            p.device
-        )
+        torch.randint(0, 2, p.shape, generator=generator, device=device, dtype=p.dtype)
+        .mul_(2)
+        .sub_(1)
+        .to(p.device)
         for p in like
     ]
 

@@ -8,8 +8,8 @@ the compiled fused ``lowrank_solve_update`` ("ext") and with the unfused PyTorch
 ("no ext", the extension switched off in-process) side by side; FisherNewton = forward + the
 per-sample Gram (implicit for Linear layers with ``module=``, else B materialised per-sample
 gradients) + the B×B Woodbury update (rank B = 32 > 8: no compiled op applies, so one variant).
-Goals: RankOneNewton ≤ 3.5 Adam steps (batch 128), FisherNewton with B = 32 ≤ 6 Adam steps
-(batch 32).
+Goals: the isotropic RankOneNewton ≤ 3.5 Adam steps and the default one ≤ 1.5 AdaHessian steps
+(batch 128), FisherNewton with B = 32 ≤ 6 Adam steps (batch 32).
 
 CNN on 8×8 digit-sized images (conv 1→16→32 3×3, ReLU, linear 2048→10: 25,290 parameters), batch
 64, one thread: FisherNewton with ``module=`` (per-sample Conv2d gradients from input patches and
@@ -254,9 +254,13 @@ def test_report_ratios():
     print("\n" + report)
     RESULTS.write_text(report + "\n")
     rf = _best["FisherNewton, B = 32, module= (implicit rows)"] / _best["Adam (batch 32)"]
+    adahessian = _best.get("AdaHessian (pytorch_optimizer), create_graph (batch 128)")
     for kernels in ("ext", "no ext"):
-        for variant in ("isotropic", "default"):
-            name = f"RankOneNewton {variant}, create_graph (batch 128), {kernels}"
-            if name in _best:
-                assert _best[name] / _best["Adam (batch 128)"] <= 3.5, report
+        name = f"RankOneNewton isotropic, create_graph (batch 128), {kernels}"
+        if name in _best:
+            assert _best[name] / _best["Adam (batch 128)"] <= 3.5, report
+        # the default step against its peer of the same cost model (gradient + one HVP)
+        name = f"RankOneNewton default, create_graph (batch 128), {kernels}"
+        if name in _best and adahessian is not None:
+            assert _best[name] / adahessian <= 1.5, report
     assert rf <= 6.0, report

@@ -320,18 +320,18 @@ class RankOneNewton(SecondOrderOptimizer):
         beta2 = opts["beta2"]
         # v_t = β₂ v + (1 − β₂)(u ⊙ h)², committed below only if the step is applied
         v_old = [self._hessian_sq_avg(p) for p in params]
-        v = torch._foreach_mul(v_old, beta2)
-        torch._foreach_add_(v, sq, alpha=1 - beta2)
+        v = torch._foreach_lerp(v_old, sq, 1 - beta2)
         t = self._counter("step", params[0]).to(torch.float64) + 1
-        diag = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype)))
+        diag = torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype))
+        torch._foreach_sqrt_(diag)
         mean_diag = torch.stack(torch._foreach_norm(diag, 1)).sum() / numel(params)
         tiny = torch.finfo(g[0].dtype).tiny  # Λ = 0 (no curvature seen yet) still solves
         scale = mean_diag if opts["damping_mode"] == "relative" else torch.ones_like(mean_diag)
-        shift = []
+        shift = []  # Λ + δ, in place: Λ itself is not needed any more
         for group, ps, d in zip(self.param_groups, groups, split_groups(diag, groups)):
             if ps:
-                delta = (group["damping"] * scale + group["delta"]).clamp_min(tiny)
-                shift += torch._foreach_add(d, delta)
+                torch._foreach_add_(d, (group["damping"] * scale + group["delta"]).clamp_min(tiny))
+                shift += d
         omega, sketches = self._sketches(params, u, h, opts["rank"])
         if sketches:
             C = nystrom_core(omega, sketches)
