@@ -332,6 +332,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
     ) -> None:
         super().__init__(params, defaults)
+        for group in self.param_groups:  # what every group may set for itself
+            check_hyper("param group lr", group["lr"])
+            if "momentum" in group:
+                check_update_extras(group["weight_decay"], group["momentum"])
         for key in defaults:
             if key in self._per_group:
                 continue
@@ -472,7 +476,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if not (beta and ps):
                 out += gs
                 continue
-            bufs = [self._momentum_buffer(p) for p in ps]
+            bufs = [self._zeros_state(p, "momentum_buffer") for p in ps]
             new = [m.lerp(gi, 1 - beta) for m, gi in zip(bufs, gs)]
             self._pending_momentum += zip(bufs, new)
             out += torch._foreach_div(new, (1 - beta**t).to(gs[0].dtype))
@@ -496,11 +500,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 p.sub_(torch.where(ok, yp * lr, 0.0))
         self._count_step(ok, groups_first(groups))
 
-    def _momentum_buffer(self, p: Tensor) -> Tensor:
+    def _zeros_state(self, p: Tensor, key: str) -> Tensor:
+        """``self.state[p][key]``, created as zeros shaped like ``p`` on first use."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["momentum_buffer"]
+        if key not in state:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[key]
 
     def _uses_weight_decay(self, groups: list[list[Tensor]]) -> bool:
         """Whether any non-empty group uses weight decay (the fused kernel does not)."""

@@ -494,9 +494,7 @@ class FisherNewton(SecondOrderOptimizer):
         )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
         for group in self.param_groups:
-            check_hyper("param group lr", group["lr"])
             check_hyper("param group damping", group["damping"], strict=damping_mode != "theory")
-            check_update_extras(group["weight_decay"], group["momentum"])
         self.module = module
 
     @torch.no_grad()

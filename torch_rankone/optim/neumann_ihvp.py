@@ -154,9 +154,6 @@ class NeumannIHVP(SecondOrderOptimizer):
             weight_decay=weight_decay,
         )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
-        for group in self.param_groups:
-            check_hyper("param group lr", group["lr"])
-            check_update_extras(group["weight_decay"], group["momentum"])
         self.hvp_mode = hvp
         self.scale_refresh = scale_refresh
         self.health_check_every = scale_refresh

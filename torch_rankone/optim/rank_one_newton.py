@@ -270,9 +270,8 @@ class RankOneNewton(SecondOrderOptimizer):
         )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
         for group in self.param_groups:
-            for key in ("lr", "damping", "delta"):
+            for key in ("damping", "delta"):
                 check_hyper(f"param group {key}", group[key])
-            check_update_extras(group["weight_decay"], group["momentum"])
             if (
                 safeguard
                 and preconditioner == "isotropic"
@@ -319,7 +318,7 @@ class RankOneNewton(SecondOrderOptimizer):
             torch._foreach_div_(sq, float(opts["init_probes"]))
         beta2 = opts["beta2"]
         # v_t = β₂ v + (1 − β₂)(u ⊙ h)², committed below only if the step is applied
-        v_old = [self._hessian_sq_avg(p) for p in params]
+        v_old = [self._zeros_state(p, "hessian_sq_avg") for p in params]
         v = torch._foreach_lerp(v_old, sq, 1 - beta2)
         t = self._counter("step", params[0]).to(torch.float64) + 1
         diag = torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype))
@@ -343,12 +342,6 @@ class RankOneNewton(SecondOrderOptimizer):
             vo.copy_(torch.where(ok, vn, vo))
         self.state["damping"] = (mean_diag * opts["damping"]).detach()
         self._apply_masked(groups, split_groups(y, groups), ok)
-
-    def _hessian_sq_avg(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "hessian_sq_avg" not in state:
-            state["hessian_sq_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["hessian_sq_avg"]
 
     def _sketches(self, params, u, h, rank: int) -> tuple[list[TensorList], list[TensorList]]:
         """The last ``rank`` sketch pairs ``(u_j, h_j)``, this step's last; older pairs are kept
