@@ -284,17 +284,10 @@ def counting(model: nn.Module, counters: Counters) -> Iterator[None]:
 
 
 def state_counters(opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Integer counters an optimizer keeps under string keys of its state (``skipped_steps``,
-    ``neumann_fallbacks``, ``safeguard_hits``, … ; 0-d tensors or ints), except the step count."""
-    out = {}
-    for key, value in opt.state.items():
-        if not isinstance(key, str) or key in ("step", "step_calls"):
-            continue
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-            out[key] = int(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[key] = value
-    return out
+    """This package's counters (``skipped_steps``, ``neumann_fallbacks``, ``safeguard_hits``, …),
+    except the step count; ``{}`` for the peers."""
+    counters = getattr(opt, "counters", None)
+    return {k: v for k, v in counters().items() if k != "step"} if counters else {}
 
 
 # ---- one run -----------------------------------------------------------------------------------

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import sys
-import time
-import traceback
 
 import torch
 import torch.distributed as dist
+from _dist_harness import worker_main
 from _optim_problems import MLPProblem, PaperRankOneNewton
 
 from torch_rankone import FisherNewton, NeumannIHVP
@@ -117,9 +115,9 @@ def run_rank_one(
         prob,
         traj,
         losses,
-        safeguard_hits=int(opt.state.get("safeguard_hits", 0)),
-        skipped_steps=int(opt.state.get("skipped_steps", 0)),
-        lambda_max=float(opt.state.get("lambda_max", float("nan"))),
+        safeguard_hits=int(opt.global_state.get("safeguard_hits", 0)),
+        skipped_steps=int(opt.global_state.get("skipped_steps", 0)),
+        lambda_max=float(opt.global_state.get("lambda_max", float("nan"))),
     )
 
 
@@ -156,8 +154,8 @@ def run_neumann(prob: MLPProblem, *, seed: int, inf_at: int | None = None) -> di
         prob,
         traj,
         losses,
-        scale=float(opt.state["scale"]),
-        skipped_steps=int(opt.state.get("skipped_steps", 0)),
+        scale=float(opt.global_state["scale"]),
+        skipped_steps=int(opt.global_state.get("skipped_steps", 0)),
     )
 
 
@@ -264,46 +262,5 @@ SCENARIOS = {
 }
 
 
-def main(argv: list[str]) -> int:
-    """``argv``: RANK WORLD STORE OUT SCENARIO... — runs the scenarios in order and saves
-    ``{scenario: outcome}`` to ``OUT``, an outcome being ``{"ok": True, "result": ...,
-    "seconds": ...}`` or ``{"ok": False, "error": traceback}``. A rank stops at its first
-    failure (collectives after a one-sided failure would be mismatched; its peer fails in its
-    next collective), so the scenarios after it are absent."""
-    rank, world, where, out, names = int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5:]
-    timeout = datetime.timedelta(seconds=float(os.environ.get("DIST_TEST_TIMEOUT", 30)))
-    outcomes: dict = {}
-
-    def save() -> None:
-        torch.save(outcomes, out + ".part")
-        os.replace(out + ".part", out)  # the parent never reads a half-written file
-
-    try:
-        kind, _, address = where.partition(":")
-        if kind == "tcp":
-            store = dist.TCPStore("127.0.0.1", int(address), is_master=False, timeout=timeout)
-        else:
-            store = dist.FileStore(address, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    except BaseException:
-        outcomes["<init>"] = {"ok": False, "error": traceback.format_exc()}
-        save()
-        return 1
-    try:
-        for name in names:
-            start = time.perf_counter()
-            try:
-                result = SCENARIOS[name](rank, world)
-            except BaseException:
-                outcomes[name] = {"ok": False, "error": traceback.format_exc()}
-                break
-            outcomes[name] = {"ok": True, "result": result, "seconds": time.perf_counter() - start}
-            save()
-    finally:
-        save()
-        dist.destroy_process_group()
-    return 0 if all(o["ok"] for o in outcomes.values()) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(worker_main(sys.argv, SCENARIOS))

@@ -57,7 +57,7 @@ def _step(name: str, opt, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) 
 
 def _events(opt) -> dict[str, int]:
     keys = ("skipped_steps", "neumann_fallbacks", "safeguard_hits")
-    return {k: int(opt.state[k]) for k in keys if k in opt.state}
+    return {k: int(opt.global_state[k]) for k in keys if k in opt.global_state}
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])

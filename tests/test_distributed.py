@@ -15,18 +15,13 @@ non-finite on one rank only, and a ``generator=`` seeded differently on each ran
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist_harness import DEADLINE_S, WORLD, Ranks
 from _dist_worker import INF_AT, UNEQUAL, make_problem, run_fisher, run_neumann, run_rank_one
 
 pytestmark = pytest.mark.skipif(
@@ -34,9 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with the gloo backend is not available in this build",
 )
 
-WORLD = 2
 WORKER = Path(__file__).with_name("_dist_worker.py")
-DEADLINE_S = 60.0  # wall-clock limit of one two-process launch
 TIGHT = 1e-10  # float64 rounding only: union mean vs mean of the ranks' half-batch means
 SCENARIOS = (  # run in this order by one pair of workers
     "rank_one_loss_closure",
@@ -59,151 +52,10 @@ SCENARIOS = (  # run in this order by one pair of workers
 # ------------------------------------------------------------------------------------------------
 
 
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except (OSError, AttributeError):
-        return None
-    loopbacks = [n for n in names if n.startswith("lo")]  # Linux "lo", macOS "lo0"
-    return "lo" if "lo" in loopbacks else (loopbacks[0] if loopbacks else None)
-
-
-def _serve_store(folder: Path):
-    """A rendezvous store for the workers: ``(store or None, "tcp:PORT" | "file:PATH")``.
-
-    ``TCPStore(port=0)`` would listen on every interface, so the store adopts a socket already
-    bound to ``127.0.0.1`` with a port the OS picked (the store owns the descriptor from then
-    on). Where it cannot (``master_listen_fd`` is not supported everywhere), a FileStore.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(4 * WORLD)
-        port = sock.getsockname()[1]
-        store = dist.TCPStore(
-            "127.0.0.1",
-            port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=DEADLINE_S),
-            master_listen_fd=sock.fileno(),
-        )
-    except (RuntimeError, TypeError, ValueError, OSError):
-        sock.close()
-        return None, f"file:{folder / 'rendezvous'}"
-    sock.detach()  # the store closes it
-    return store, f"tcp:{port}"
-
-
-class Launch:
-    """What one run of the workers left: per rank ``{scenario: outcome}``, exit codes, logs."""
-
-    def __init__(self, folder: Path, scenarios, *, collective_timeout_s: float = 30.0) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        store, where = _serve_store(folder)
-        env = dict(os.environ, OMP_NUM_THREADS="1", DIST_TEST_TIMEOUT=str(collective_timeout_s))
-        lo = _loopback_interface()
-        if lo is not None:
-            env["GLOO_SOCKET_IFNAME"] = lo  # gloo's own connections stay on loopback too
-        outs = [folder / f"rank{r}.pt" for r in range(WORLD)]
-        logs = [folder / f"rank{r}.log" for r in range(WORLD)]
-        procs: list[subprocess.Popen] = []
-        start = time.monotonic()
-        self.timed_out = False
-        try:
-            for r in range(WORLD):
-                with open(logs[r], "w") as log:
-                    cmd = [sys.executable, str(WORKER), str(r), str(WORLD), where, str(outs[r])]
-                    procs.append(
-                        subprocess.Popen(
-                            [*cmd, *scenarios],
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            cwd=WORKER.parent,
-                            env=env,
-                        )
-                    )
-            for p in procs:
-                try:
-                    p.wait(timeout=max(0.1, start + DEADLINE_S - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    self.timed_out = True
-                    break
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-            del store
-        self.seconds = time.monotonic() - start
-        self.returncodes = [p.returncode for p in procs]
-        self.logs = [log.read_text() for log in logs]
-        self.outcomes = [torch.load(o) if o.exists() else {} for o in outs]
-
-    def stopped_at(self, scenarios: list[str]) -> int:
-        """Index of the first scenario that some rank did not complete (``len`` if none)."""
-        return min(
-            next(
-                (i for i, name in enumerate(scenarios) if not got.get(name, {}).get("ok")),
-                len(scenarios),
-            )
-            for got in self.outcomes
-        )
-
-    def fatal(self) -> bool:
-        """Nothing worth retrying: the deadline hit, or a rank failed before any scenario
-        (import, rendezvous, ``init_process_group``)."""
-        return self.timed_out or any(not got or "<init>" in got for got in self.outcomes)
-
-    def report(self, scenario: str) -> str:
-        lines = [f"scenario {scenario!r} on {WORLD} gloo ranks"]
-        if self.timed_out:
-            lines[0] += f" (workers killed at the {DEADLINE_S:.0f} s deadline)"
-        for r, got in enumerate(self.outcomes):
-            if scenario in got:
-                what = "ok" if got[scenario]["ok"] else got[scenario]["error"]
-            else:
-                failed = [f"{name}: {o['error']}" for name, o in got.items() if not o["ok"]]
-                what = "not run. " + (failed[0] if failed else "Log:\n" + self.logs[r])
-            lines.append(f"--- rank {r} (exit code {self.returncodes[r]}): {what[-4000:]}")
-        return "\n".join(lines)
-
-
-class Ranks:
-    """Every scenario's outcome. A rank stops at its first failure (its peer then fails in its
-    next collective: collectives after a one-sided failure would be mismatched), so the
-    scenarios after a failed one are run again by a fresh pair of workers."""
-
-    def __init__(self, folder: Path) -> None:
-        self.launch_of: dict[str, Launch] = {}
-        todo = list(SCENARIOS)
-        for attempt in range(len(SCENARIOS)):
-            launch = Launch(folder / f"launch{attempt}", todo)
-            stop = launch.stopped_at(todo)
-            if stop == len(todo) or launch.fatal():
-                self.launch_of.update(dict.fromkeys(todo, launch))
-                break
-            self.launch_of.update(dict.fromkeys(todo[: stop + 1], launch))
-            todo = todo[stop + 1 :]
-            if not todo:
-                break
-
-    def launch(self, scenario: str) -> Launch:
-        return self.launch_of[scenario]
-
-    def results(self, scenario: str) -> list[dict]:
-        """Every rank's result, or fail the test saying which rank failed and how."""
-        launch = self.launch_of[scenario]
-        got = [launch.outcomes[r].get(scenario) for r in range(WORLD)]
-        if not all(o is not None and o["ok"] for o in got):
-            pytest.fail(launch.report(scenario), pytrace=False)
-        return [o["result"] for o in got]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Ranks:
     """One run of every scenario by a pair of workers, shared by the tests of this module."""
-    return Ranks(tmp_path_factory.mktemp("dist"))
+    return Ranks(WORKER, tmp_path_factory.mktemp("dist"), SCENARIOS)
 
 
 # ------------------------------------------------------------------------------------------------

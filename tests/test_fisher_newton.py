@@ -44,7 +44,7 @@ def test_theory_damping_cross_entropy_and_mse():
     expected, _ = _dense_fisher_step(prob, 1.0, alpha)
     opt.step(prob.per_sample_losses)
     assert (prob.flat() - expected).norm() / (expected - prob.x0).norm() < 1e-8
-    assert abs(float(opt.state["damping"]) - alpha) < 1e-10 * alpha
+    assert abs(float(opt.global_state["damping"]) - alpha) < 1e-10 * alpha
 
     # least squares: ℓ_s = ½ (φ_s − b_s)², σ = L √2 (√(f − f*) + √f*)
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def test_nan_masking_and_resume():
 
     opt.step(bad)
     assert torch.equal(prob.flat(), x1)
-    assert int(opt.state["skipped_steps"]) == 1 and int(opt.state["step"]) == 1
+    assert int(opt.global_state["skipped_steps"]) == 1 and int(opt.global_state["step"]) == 1
     for _ in range(3):
         opt.step(prob.per_sample_losses)
     final = prob.flat().clone()
@@ -257,7 +257,7 @@ def test_relative_damping_step_equals_dense_formula():
     opt.step(prob.per_sample_losses)
     dx, c = _dense_relative_step(J, J.mean(0), 0.3, 0.5)
     assert (prob.flat() - prob.x0 - dx).norm() / dx.norm() < 1e-10
-    assert torch.allclose(opt.state["damping"], c, rtol=1e-12)
+    assert torch.allclose(opt.global_state["damping"], c, rtol=1e-12)
     eig = torch.linalg.eigvalsh(J.T @ J / J.shape[0])
     assert torch.allclose(c / 0.5, eig[eig > 1e-10].mean(), rtol=1e-8)  # B = 16 < N = 37
 
@@ -289,7 +289,7 @@ def test_relative_damping_limits_sgd_and_zero_batch():
     for _ in range(2):
         opt.step(lambda: 0.0 * prob.per_sample_losses())
     assert torch.equal(prob.flat(), prob.x0)
-    assert int(opt.state["step"]) == 2 and int(opt.state["skipped_steps"]) == 0
+    assert int(opt.global_state["step"]) == 2 and int(opt.global_state["skipped_steps"]) == 0
     assert all(torch.isfinite(p.grad).all() for p in prob.params)
 
 
@@ -434,7 +434,7 @@ def test_weight_decay_is_decoupled_and_momentum_averages_the_gradient():
         return torch.cat([losses[:-1], losses[-1:] * float("nan")])
 
     opt.step(bad)
-    assert int(opt.state["skipped_steps"]) == 1 and torch.equal(prob.flat(), x1_got)
+    assert int(opt.global_state["skipped_steps"]) == 1 and torch.equal(prob.flat(), x1_got)
     assert all(
         torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(prob.params, buffers)
     )

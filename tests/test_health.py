@@ -28,7 +28,7 @@ def test_safeguard_firing_on_most_steps_is_reported_at_the_callers_line():
             opt.step(prob.loss_closure())
             sched.step()
     messages = [w for w in rec if "safeguard" in str(w.message)]
-    assert int(opt.state["safeguard_hits"]) == 3
+    assert int(opt.global_state["safeguard_hits"]) == 3
     assert len(messages) == 2  # calls 1 and 2 are sync points; call 0 had nothing before it
     assert all(w.filename == __file__ for w in messages)
     assert "1 of the last 1 step(s)" in str(messages[0].message)

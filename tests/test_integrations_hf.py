@@ -123,7 +123,7 @@ def test_trains_saves_and_resumes(tmp_path, name):
     trainer.train()
     loss = full_loss(trainer.model, data)
     assert loss < loss0 - 0.01, (loss0, loss)
-    assert int(opt.state["step"]) == 8 and int(opt.state["skipped_steps"]) == 0
+    assert int(opt.global_state["step"]) == 8 and int(opt.global_state["skipped_steps"]) == 0
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 8 and all(0 < v < 1 for v in logged)
 
@@ -134,7 +134,7 @@ def test_trains_saves_and_resumes(tmp_path, name):
 
     resumed, opt_b = train(tmp_path / "run", name, model=tiny_bert(seed=1))
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
-    assert int(opt_b.state["step"]) == 8
+    assert int(opt_b.global_state["step"]) == 8
     for p, q in zip(resumed.model.parameters(), trainer.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -228,7 +228,7 @@ def test_bf16_trains(tmp_path):
     trainer, opt = train(tmp_path, "RankOneNewton", bf16=True)
     loss0 = full_loss(trainer.model, data)
     trainer.train()
-    assert int(opt.state["skipped_steps"]) == 0
+    assert int(opt.global_state["skipped_steps"]) == 0
     assert full_loss(trainer.model, data) < loss0 - 0.01
 
 

@@ -109,7 +109,7 @@ def test_fit_logs_and_resumes(tmp_path, name):
     loss_mid = model.full_loss(data)
     assert loss_mid < 0.3 * loss0, (loss0, loss_mid)
     opt = trainer.optimizers[0]
-    assert int(opt.state["step"]) == 12 and int(opt.state["skipped_steps"]) == 0
+    assert int(opt.global_state["step"]) == 12 and int(opt.global_state["skipped_steps"]) == 0
 
     rows = metrics_rows(trainer)
     logged = {k for row in rows for k, v in row.items() if v != ""}
@@ -130,7 +130,7 @@ def test_fit_logs_and_resumes(tmp_path, name):
     trainer_b.fit(resumed, loader(data), ckpt_path=ckpt)
     straight = Classifier(name)
     make_trainer(tmp_path / "c", epochs=4).fit(straight, loader(data))
-    assert int(trainer_b.optimizers[0].state["step"]) == 24
+    assert int(trainer_b.optimizers[0].global_state["step"]) == 24
     for p, q in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert resumed.full_loss(data) < loss_mid

@@ -38,7 +38,7 @@ def test_one_step_equals_dense_truncated_series(mode):
         opt.step(prob.backward_closure(opt))
     tol = 1e-5 if mode == "fd" else 1e-10
     assert (prob.flat() - expected).norm() / (expected - prob.x0).norm() < tol
-    assert int(opt.state["neumann_fallbacks"]) == 0
+    assert int(opt.global_state["neumann_fallbacks"]) == 0
     if mode == "loss_closure":
         assert len(calls) == 1
 
@@ -65,12 +65,12 @@ def test_estimated_scale_refreshes_on_schedule():
     opt = PaperNeumannIHVP(prob.params, damping=1.0, num_terms=3, scale_refresh=2)
     opt.step(prob.loss_closure())
     top = float(torch.linalg.eigvalsh(prob.hessian(prob.x0) + torch.eye(37, dtype=F64))[-1])
-    assert abs(float(opt.state["scale"]) / (1.05 * top) - 1) < 1e-3
-    s1 = float(opt.state["scale"])
+    assert abs(float(opt.global_state["scale"]) / (1.05 * top) - 1) < 1e-3
+    s1 = float(opt.global_state["scale"])
     opt.step(prob.loss_closure())
-    assert float(opt.state["scale"]) == s1  # not refreshed on call 1
+    assert float(opt.global_state["scale"]) == s1  # not refreshed on call 1
     opt.step(prob.loss_closure())
-    assert float(opt.state["scale"]) != s1  # refreshed on call 2 (new point)
+    assert float(opt.global_state["scale"]) != s1  # refreshed on call 2 (new point)
 
 
 def test_divergence_falls_back_to_damped_gradient_step_and_warns():
@@ -82,14 +82,19 @@ def test_divergence_falls_back_to_damped_gradient_step_and_warns():
     x1 = prob.flat()
     assert torch.isfinite(x1).all()
     assert torch.allclose(x1, prob.x0 - g / s, rtol=1e-12)  # the fallback step
-    assert int(opt.state["neumann_fallbacks"]) == 1 and int(opt.state["skipped_steps"]) == 0
-    assert "scale" not in opt.state  # a given scale is the user's: never raised
+    assert (
+        int(opt.global_state["neumann_fallbacks"]) == 1
+        and int(opt.global_state["skipped_steps"]) == 0
+    )
+    assert torch.isnan(
+        opt.global_state["scale"]
+    )  # a given scale is the user's: never estimated or raised
     with pytest.warns(
         RuntimeWarning, match=r"1 of the last 1 step\(s\) — the Neumann series"
     ) as rec:
         opt.step(prob.loss_closure())  # call 1, the first sync point, reports call 0
     assert rec[0].filename == __file__  # the user's line, not the package's
-    assert "state['neumann_fallbacks'] = 1" in str(rec[0].message)
+    assert "counters()['neumann_fallbacks'] = 1" in str(rec[0].message)
 
 
 def test_stale_estimated_scale_is_raised_on_device():
@@ -106,14 +111,14 @@ def test_stale_estimated_scale_is_raised_on_device():
 
     here = top()  # at the point of the next step
     stale = 0.3 * here  # Rayleigh quotients up to 3.3: beyond 2, where the series diverges
-    opt.state["scale"] = torch.tensor(stale, dtype=F64)
+    opt.global_state["scale"] = torch.tensor(stale, dtype=F64)
     opt.step(prob.loss_closure())
-    assert int(opt.state["neumann_fallbacks"]) == 1
-    assert stale < float(opt.state["scale"]) <= 1.05 * here * (1 + 1e-6)  # r·s ≤ λ_max
+    assert int(opt.global_state["neumann_fallbacks"]) == 1
+    assert stale < float(opt.global_state["scale"]) <= 1.05 * here * (1 + 1e-6)  # r·s ≤ λ_max
     for _ in range(6):
         opt.step(prob.loss_closure())
-    assert int(opt.state["neumann_fallbacks"]) <= 3
-    assert float(opt.state["scale"]) >= top()
+    assert int(opt.global_state["neumann_fallbacks"]) <= 3
+    assert float(opt.global_state["scale"]) >= top()
 
 
 def test_nan_masking_resume_and_validation():
@@ -124,7 +129,7 @@ def test_nan_masking_resume_and_validation():
     saved = copy.deepcopy(prob.model.state_dict()), copy.deepcopy(opt.state_dict())
     x1 = prob.flat().clone()
     opt.step(lambda: prob.loss() * float("nan"))
-    assert torch.equal(prob.flat(), x1) and int(opt.state["skipped_steps"]) == 1
+    assert torch.equal(prob.flat(), x1) and int(opt.global_state["skipped_steps"]) == 1
     for _ in range(3):
         opt.step(prob.loss_closure())
     prob2 = MLPProblem()

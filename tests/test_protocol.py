@@ -23,7 +23,7 @@ def test_grad_scaler_is_refused_clearly_and_changes_nothing(cls):
     with pytest.raises(RuntimeError, match="cannot be stepped by a GradScaler.*bfloat16"):
         scaler.step(opt)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert "step" not in opt.state
+    assert opt.global_state["step_calls"] == 0 and int(opt.global_state["step"]) == 0
     # without a scaler the same optimizer steps normally
     del opt.grad_scale, opt.found_inf  # left behind by the refused scaler.step
     opt.zero_grad()
@@ -37,7 +37,7 @@ def test_grad_scaler_is_refused_clearly_and_changes_nothing(cls):
 
 @pytest.mark.parametrize("cls", [RankOneNewton, FisherNewton, NeumannIHVP])
 def test_every_optimizer_counts_step_calls_on_the_host(cls):
-    """``state["step_calls"]`` (a host int, saved in state_dict) counts step() calls, skipped
+    """``global_state["step_calls"]`` (a host int, saved in state_dict) counts step() calls, skipped
     ones included — integrations and schedules read it without a device sync."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -51,5 +51,19 @@ def test_every_optimizer_counts_step_calls_on_the_host(cls):
                 else torch.nn.functional.mse_loss(model(x), y)
             )
         )
-    assert opt.state["step_calls"] == 3
-    assert opt.state_dict()["state"]["step_calls"] == 3
+    assert opt.global_state["step_calls"] == 3
+    assert opt.state_dict()["state"][0]["step_calls"] == 3  # the first parameter's entry
+
+
+def test_owned_generator_is_reproducible_but_not_the_global_stream():
+    """Derived from ``torch.initial_seed()`` (reproducible) without replaying the global stream:
+    the first direction is not the first tensor the user draws after ``torch.manual_seed``."""
+    from torch_rankone._random import owned_generator
+
+    torch.manual_seed(3)
+    first = torch.randn(50, generator=owned_generator())
+    users = torch.randn(50)
+    torch.manual_seed(3)
+    assert torch.equal(torch.randn(50, generator=owned_generator()), first)
+    cosine = torch.nn.functional.cosine_similarity(first, users, dim=0)
+    assert abs(float(cosine)) < 0.5

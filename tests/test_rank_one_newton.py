@@ -56,8 +56,8 @@ def test_one_step_equals_dense_formula(damping, delta, safeguard, expect_fire):
     assert torch.allclose(loss, prob.f(prob.x0), rtol=1e-12)
     err = (prob.flat() - expected).norm() / (expected - prob.x0).norm()
     assert err < 1e-8
-    assert abs(float(opt.state["damping"]) - c_used) < 1e-10 * c_used
-    assert int(opt.state.get("safeguard_hits", torch.tensor(0))) == int(fired)
+    assert abs(float(opt.global_state["damping"]) - c_used) < 1e-10 * c_used
+    assert int(opt.global_state.get("safeguard_hits", torch.tensor(0))) == int(fired)
 
 
 def test_safeguard_is_continuous_across_the_indefinite_boundary():
@@ -226,7 +226,7 @@ def test_state_dict_resume_is_bit_for_bit():
     for _ in range(4):
         opt2.step(prob2.loss_closure())
     assert torch.equal(prob2.flat(), uninterrupted)
-    assert int(opt2.state["step"]) == 7
+    assert int(opt2.global_state["step"]) == 7
 
 
 def test_non_finite_loss_or_gradient_leaves_everything_untouched():
@@ -236,15 +236,15 @@ def test_non_finite_loss_or_gradient_leaves_everything_untouched():
     x1, state1 = prob.flat().clone(), copy.deepcopy(opt.state_dict())
     opt.step(lambda: prob.loss() * float("nan"))
     assert torch.equal(prob.flat(), x1)
-    assert int(opt.state["skipped_steps"]) == 1 and int(opt.state["step"]) == 1
-    assert state1["state"]["safeguard_hits"] == opt.state["safeguard_hits"]
+    assert int(opt.global_state["skipped_steps"]) == 1 and int(opt.global_state["step"]) == 1
+    assert state1["state"][0]["safeguard_hits"] == opt.global_state["safeguard_hits"]
     # an inf in one gradient entry (graph mode)
     prob.loss().backward(create_graph=True)
     prob.params[0].grad = prob.params[0].grad * torch.tensor(float("inf"))
     opt.step()
-    assert torch.equal(prob.flat(), x1) and int(opt.state["skipped_steps"]) == 2
+    assert torch.equal(prob.flat(), x1) and int(opt.global_state["skipped_steps"]) == 2
     opt.step(prob.loss_closure())  # and it recovers
-    assert not torch.equal(prob.flat(), x1) and int(opt.state["step"]) == 2
+    assert not torch.equal(prob.flat(), x1) and int(opt.global_state["step"]) == 2
 
 
 def test_lr_scheduler_and_float32():

@@ -9,7 +9,7 @@ from . import curvature, data, distributed, influence, linalg, optim
 from ._ext import has_extension
 from .optim import FisherNewton, NeumannIHVP, NewtonLearn, RankOneNewton
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "curvature",

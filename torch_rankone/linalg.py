@@ -252,6 +252,14 @@ def shifted_lowrank_solve(
 # --------------------------------------------------------------------------------------------
 
 
+def _on_device(x: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d tensor on ``device``: a number is filled in there (a copy from the host would
+    synchronise with a CUDA device)."""
+    if isinstance(x, Tensor):
+        return x.to(device, dtype)
+    return torch.full((), x, dtype=dtype, device=device)
+
+
 class NeumannResult(NamedTuple):
     """Outcome of :func:`neumann_series`; every field stays on device (no host sync).
 
@@ -304,8 +312,7 @@ def neumann_series(
         raise ValueError(f"neumann_series: num_terms must be an integer >= 0, got {num_terms}")
     vs, hvp, restore = _vector_and_fn(v, hvp_fn)
     dtype, device = vs[0].dtype, vs[0].device
-    s = torch.as_tensor(scale, dtype=dtype, device=device)
-    lam = torch.as_tensor(damping, dtype=dtype, device=device)
+    s, lam = (_on_device(x, dtype, device) for x in (scale, damping))
     f64 = torch.float64
     p = [t.clone() for t in vs]
     d = list(vs)

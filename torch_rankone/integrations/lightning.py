@@ -26,8 +26,8 @@ outside ``step``, so their per-sample losses would be lost) and FisherNewton wit
 
 After every optimizer step it logs, through the module's logger, ``damping``,
 ``safeguard_hits``, ``skipped_steps``, ``neumann_fallbacks``, ``scale``, ``lambda_max`` and
-``bits_sent`` where the optimizer keeps them in its state, and ``step_norm`` — the norm of the
-parameter change, measured around the step since no optimizer exposes it.
+``bits_sent`` where the optimizer keeps them in its global state, and ``step_norm`` — the norm
+of the parameter change, measured around the step since no optimizer exposes it.
 """
 
 from __future__ import annotations
@@ -49,6 +49,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..optim import FisherNewton, SecondOrderOptimizer
 
 __all__ = ["SecondOrderCallback", "DIAGNOSTICS"]
+
+
+def _global_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Where an optimizer keeps its global state: ``global_state`` (this package's optimizers),
+    else the first parameter's state (``torch.optim.LBFGS``'s convention)."""
+    state = getattr(opt, "global_state", None)
+    if state is not None:
+        return state
+    first = next((p for g in opt.param_groups for p in g["params"]), None)
+    return opt.state.get(first, {})
+
 
 #: optimizer-state entries logged when present (counters are cumulative)
 DIAGNOSTICS = (
@@ -171,10 +182,11 @@ class SecondOrderCallback(pl.Callback):
         if trainer.global_step == self._steps:
             return  # an accumulation batch: no optimizer step to report
         opt = trainer.optimizers[0]
+        state = _global_state(opt)
         metrics = {
-            self.prefix + key: opt.state[key].detach().float()
+            self.prefix + key: state[key].detach().float()
             for key in DIAGNOSTICS
-            if isinstance(opt.state.get(key), Tensor)
+            if isinstance(state.get(key), Tensor)
         }
         if self._before is not None:
             diffs = torch._foreach_sub([p.detach() for p in _params(opt)], self._before)

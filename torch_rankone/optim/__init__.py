@@ -8,6 +8,7 @@ Curvature sources for ``step(closure=None)`` (``hvp="auto" | "exact" | "fd"``), 
    HVPs, two more closure calls per HVP, parameters restored exactly.
 """
 
+from ._data_parallel import ReplicaMismatchError
 from ._protocol import CurvatureError, SecondOrderOptimizer
 from .fisher_newton import FisherNewton
 from .neumann_ihvp import NeumannIHVP
@@ -16,6 +17,7 @@ from .rank_one_newton import RankOneNewton
 
 __all__ = [
     "CurvatureError",
+    "ReplicaMismatchError",
     "SecondOrderOptimizer",
     "RankOneNewton",
     "FisherNewton",

@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -27,7 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._tensorlist import TensorList, norm
+from .._random import owned_generator
+from .._tensorlist import TensorList, local, locals_, norm, sharded_over
+from ._data_parallel import (
+    Layout,
+    average,
+    check_same_params,
+    collective_device,
+    is_sharded,
+    layout_of,
+    mean_scalar,
+)
 
 HVP_MODES = ("auto", "exact", "fd")
 
@@ -37,6 +49,22 @@ _CONVENTIONS = (
     "backward (exact HVPs); or (3) a closure that zeroes the gradients, calls loss.backward() "
     "and returns the loss (the torch.optim.LBFGS / Lightning convention), which uses "
     "finite-difference HVPs (hvp='auto' or 'fd')."
+)
+
+
+_SHARDED = (
+    "FSDP2 (fully_shard) gives sharded parameters gradients only through backward(): "
+    "autograd.grad and double backward do not reach them. Pass a closure that zeroes the "
+    "gradients, calls loss.backward() and returns the loss (finite-difference HVPs, hvp='auto' "
+    "or 'fd')."
+)
+
+
+_COMPILED = (
+    "the model's backward was compiled by torch.compile, which does not support double "
+    "backward (create_graph=True), so exact HVPs are not available. Use finite differences: "
+    "hvp='fd' (or 'auto') with a closure that zeroes the gradients, calls loss.backward() and "
+    "returns the loss."
 )
 
 
@@ -54,9 +82,21 @@ class Evaluation(NamedTuple):
     source: str  # "graph" | "loss_closure" | "backward_closure"
 
 
-def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[int, int] | None]:
-    """Identity and version counter of each ``.grad`` — they change iff a backward wrote it."""
-    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Any, int] | None]:
+    """A weak reference to each ``.grad`` and its version counter: one of them changes iff a
+    backward wrote it (an ``id`` alone could be reused by a new gradient once the old one is
+    freed by ``zero_grad``)."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+
+def _grads_written(params: Sequence[Tensor], before: list[tuple[Any, int] | None]) -> bool:
+    for p, snap in zip(params, before):
+        if snap is None:
+            if p.grad is not None:
+                return True
+        elif snap[0]() is not p.grad or p.grad._version != snap[1]:
+            return True
+    return False
 
 
 def _graph_grads(params: Sequence[Tensor]) -> TensorList | None:
@@ -167,6 +207,7 @@ def evaluate(
     *,
     need_hvp: bool = True,
     module: torch.nn.Module | None = None,
+    sharded: bool = False,
 ) -> Evaluation:
     """Obtain loss, gradient and HVP function from the source the caller provided.
 
@@ -180,8 +221,13 @@ def evaluate(
     advance once per step — without ``module`` they advance on every closure call. Other side
     effects of the closure (logging, Lightning's gradient clipping) happen on every call.
     Half-precision parameters are refused for finite differences.
+
+    ``sharded``: the parameters are FSDP2 ``DTensor`` shards, which receive gradients only from
+    ``backward()``: a backward closure is required, and the vectors returned are local pieces.
     """
     params = list(params)
+    if sharded and (closure is None or hvp_mode == "exact"):
+        raise CurvatureError(_SHARDED)
     if closure is None:
         grads = _graph_grads(params)
         if grads is None:
@@ -205,7 +251,7 @@ def evaluate(
     rerun.first_call_done()
     if not isinstance(loss, Tensor):
         raise CurvatureError(f"the closure must return the loss as a tensor, got {type(loss)}")
-    backward_ran = _grad_snapshot(params) != before
+    backward_ran = _grads_written(params, before)
     graph = _graph_grads(params) if backward_ran else None
     if graph is not None and hvp_mode != "fd":  # the closure ran backward(create_graph=True)
         hvp_fn = _exact_hvp_fn(graph, params) if need_hvp else None
@@ -227,8 +273,10 @@ def evaluate(
             return _grad_copies(params)
 
         grads = _grad_copies(params)
-        hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
+        hvp_fn = _fd_hvp_fn(locals_(params), grad_at_point) if need_hvp else None
         return Evaluation(loss.detach(), grads, hvp_fn, "backward_closure")
+    if sharded:  # autograd.grad cannot reach FSDP2's sharded parameters (it returns None)
+        raise CurvatureError(_SHARDED)
     if not loss.requires_grad:
         raise CurvatureError(
             "the closure returned a loss without a graph and did not call backward(). "
@@ -256,12 +304,20 @@ def evaluate(
 
 
 def _grad_copies(params: Sequence[Tensor]) -> TensorList:
-    """Copies of the ``.grad`` values (zeros where a parameter got none)."""
-    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    """Copies of (this rank's piece of) the ``.grad`` values (zeros where a parameter got none)."""
+    return [
+        torch.zeros_like(local(p)) if p.grad is None else local(p.grad).detach().clone()
+        for p in params
+    ]
 
 
 def _loss_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -> TensorList:
-    gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    try:
+        gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    except RuntimeError as exc:
+        if create_graph and "compiled" in str(exc):
+            raise CurvatureError(_COMPILED) from exc
+        raise
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
 
@@ -289,9 +345,10 @@ class StepInputs(NamedTuple):
     params: list[Tensor]  # all of them, in group order
     call: int  # index of this step() call
     evaluation: Evaluation
-    grads: TensorList  # gradient, averaged over ranks
+    grads: TensorList  # gradient of the union batch (this rank's piece when sharded)
     loss: Tensor | None
     direction_input: TensorList  # the gradient or its momentum average: what is preconditioned
+    hvp: Callable[[TensorList], TensorList] | None  # v ↦ Hv of the union batch
 
 
 def check_module(module: Any) -> None:
@@ -309,12 +366,16 @@ def check_update_extras(weight_decay: Any, momentum: Any) -> None:
 
 
 class SecondOrderOptimizer(torch.optim.Optimizer):
-    """Base class: common state, reproducible directions, averaging, masking.
+    """Base class: common state, reproducible directions, data parallelism, masking.
 
-    Global (not per-parameter) state lives under string keys of ``self.state`` — ``"step"``
-    (applied steps), ``"skipped_steps"`` (non-finite steps masked), optimizer-specific counters —
-    as device tensors, so reading them never forces a host sync during training. The random
-    generator's state is saved as ``state["generator_state"]`` by :meth:`state_dict`.
+    Optimizer-global state (counters, the last shift, estimated scales, the random generator's
+    state) lives in the state of the first parameter, as ``torch.optim.LBFGS`` keeps it, so that
+    ``state_dict`` and distributed checkpoints (``torch.distributed.checkpoint``) see only
+    per-parameter state; :attr:`global_state` is that dict and :meth:`counters` reads the
+    counters. Every state entry is created at construction (zeros, or NaN for a value not yet
+    estimated), so the state of a fresh optimizer has the structure a checkpoint needs to be
+    loaded into. Counters are device tensors: reading them during training never forces a host
+    synchronisation, except at the documented sync points of :meth:`_check_health`.
     """
 
     #: hyper-parameters a param group may override; the rest must agree across groups
@@ -322,6 +383,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     #: GradScaler then hands the step to us (setting ``grad_scale``) instead of unscaling ``.grad``
     #: and stepping behind our back; :meth:`_begin_step` refuses it with a clear message.
     _step_supports_amp_scaling = True
+    #: optimizer-global entries besides the counters: name → initial value (float, NaN = unset)
+    _global_floats: tuple[str, ...] = ("damping",)
 
     def __init__(
         self,
@@ -330,6 +393,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         *,
         generator: torch.Generator | None = None,
         process_group: Any = None,
+        grads_synced: bool | None = None,
     ) -> None:
         super().__init__(params, defaults)
         for group in self.param_groups:  # what every group may set for itself
@@ -345,15 +409,133 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}: '{key}' must be the same for all parameter groups "
                     f"(only {', '.join(self._per_group)} may differ), got {sorted(values)}"
                 )
+        if grads_synced not in (None, True, False):
+            raise TypeError(f"grads_synced must be None, True or False, got {grads_synced!r}")
         self._owns_generator = generator is None
         if generator is None:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(torch.initial_seed())
+            generator = owned_generator(local(self._first_param()).device)
         self.generator = generator
         self.process_group = process_group
+        self.grads_synced = grads_synced
+        self._layout: Layout | None = None  # decided (and checked across ranks) at step 1
         self._seed_synced = False
+        self.state = _ParamState(dict, self.state)
+        self._init_state()
 
-    # ---- parameters and global state ---------------------------------------------------------
+    # ---- state --------------------------------------------------------------------------------
+
+    def _first_param(self) -> Tensor:
+        return next(p for g in self.param_groups for p in g["params"])
+
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """The optimizer-global state: ``step_calls`` (``step()`` calls, an int), the counters
+        (0-d int64 tensors on the parameters' device) and the optimizer's estimates; kept in the
+        first parameter's state."""
+        return self.state[self._first_param()]
+
+    def counters(self) -> dict[str, int]:
+        """``{"step": applied steps, "skipped_steps": ..., <optimizer-specific>: ...}`` as
+        Python ints (one host synchronisation; for logging, not the training loop)."""
+        state = self.global_state
+        return {key: int(state[key]) for key in ("step", *self._health_counters)}
+
+    @property
+    def hvp_mode(self) -> str:
+        """The curvature source mode (``param_groups[0]["hvp"]``)."""
+        return self.param_groups[0].get("hvp", "auto")
+
+    def _param_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """Per-parameter buffers (shaped like the parameter) a step of ``group`` keeps."""
+        return ("momentum_buffer",) if group.get("momentum", 0.0) else ()
+
+    def _init_state(self) -> None:
+        """Create every state entry a step would create, where missing (idempotent)."""
+        first = self._first_param()
+        state = self.state[first]
+        state.setdefault("step_calls", 0)
+        for key in ("step", *self._health_counters):
+            state.setdefault(key, torch.zeros((), dtype=torch.int64, device=first.device))
+        for key in self._global_floats:
+            state.setdefault(key, torch.full((), torch.nan, dtype=first.dtype, device=first.device))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state.setdefault(p, {})  # every parameter has an entry: checkpoints expect one
+            for key in self._param_state_keys(group):
+                for p in group["params"]:
+                    if key not in self.state[p]:
+                        self.state[p][key] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.state = _ParamState(dict, self.state)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "generator"):  # not during __init__: it creates the state at its end
+            self._init_state()
+
+    def _state_to_param_devices(self) -> None:
+        """Move state tensors to their parameter's device (a checkpoint loaded on another
+        device, or a model moved after the optimizer was built); a metadata check per step."""
+        first = self._first_param()
+        if self.global_state["step"].device == local(first).device:
+            return
+        for p, state in self.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "generator_state":
+                    state[key] = value.to(p.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.global_state["generator_state"] = self.generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer: the format of this version, or of version 0.1
+        (global state under string keys of ``state``), which is converted. Global entries keep
+        their dtype and move to the parameters' device; missing options take the defaults."""
+        state_dict = _migrate_global_state(state_dict)
+        first_index = _first_index(state_dict)
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"].get(first_index, {})
+        state, device = self.global_state, self._first_param().device
+        for key, value in saved.items():
+            if key in ("step_calls", "step", *self._health_counters, *self._global_floats):
+                state[key] = value.to(device) if isinstance(value, Tensor) else value
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._init_state()
+        self._state_to_param_devices()
+        gen_state = state.get("generator_state")
+        if gen_state is not None:
+            self._restore_generator(gen_state.to("cpu", torch.uint8))
+            self._seed_synced = True  # the loaded state is the same on every rank
+
+    def _restore_generator(self, state: Tensor) -> None:
+        """Set the generator's state; a checkpoint from another device kind (CPU and CUDA
+        generators keep different states) continues on a generator of its own kind."""
+        try:
+            self.generator.set_state(state)
+        except RuntimeError:
+            if not self._owns_generator:
+                raise
+            device = "cpu" if self.generator.device.type != "cpu" else self._first_param().device
+            from .._warnings import warn_at_caller
+
+            warn_at_caller(
+                f"{type(self).__name__}: the checkpoint's random generator is not a "
+                f"{self.generator.device.type} generator's; random directions continue from it "
+                f"on the {torch.device(device).type} (bit-identical to the saved run; pass "
+                "generator= or start anew to draw on the parameters' device)",
+                UserWarning,
+            )
+            self.generator = torch.Generator(device=device)
+            self.generator.set_state(state)
+
+    # ---- parameters -----------------------------------------------------------------------------
 
     def _begin_step(self) -> list[list[Tensor]]:
         """The trainable parameters per group, after refusing a loss scaler."""
@@ -367,75 +549,82 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "curvature (HVPs, per-sample gradients) while only .grad is unscaled, so the "
                 "step would be silently wrong. Use bfloat16 autocast (no scaler) or float32."
             )
+        self._state_to_param_devices()
         return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
 
     def _next_call(self) -> int:
         """Index of this ``step()`` call, counted on the host (schedules need no device sync);
         saved in ``state_dict`` so that a resumed run keeps the schedule."""
-        calls = self.state.get("step_calls", 0)
-        self.state["step_calls"] = calls + 1
+        state = self.global_state
+        calls = state["step_calls"]
+        state["step_calls"] = calls + 1
         return calls
 
-    def _counter(self, key: str, like: Tensor) -> Tensor:
-        if key not in self.state:
-            self.state[key] = torch.zeros((), dtype=torch.int64, device=like.device)
-        return self.state[key]
-
-    def state_dict(self) -> dict[str, Any]:
-        self.state["generator_state"] = self.generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        gen_state = self.state.get("generator_state")
-        if gen_state is not None:
-            self.generator.set_state(
-                gen_state.cpu() if gen_state.device.type != "cpu" else gen_state
-            )
-            self._seed_synced = True  # the loaded state is the same on every rank
+    def _counter(self, key: str) -> Tensor:
+        return self.global_state[key]
 
     # ---- data parallel ------------------------------------------------------------------------
 
-    def _distributed(self) -> bool:
-        return self.process_group is not None or (dist.is_available() and dist.is_initialized())
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
+        """One optimizer step (see the class docstring); returns the loss, averaged over the
+        ranks when distributed (``None`` for graph gradients)."""
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if self._layout is None and params:
+            layout = layout_of(params, self.process_group)
+            check_same_params(params, layout, type(self).__name__)
+            self._layout = layout
+        if self._layout is not None and self._layout.kind == "shards":
+            with sharded_over(self._layout.group):
+                return self._step(closure)
+        return self._step(closure)
 
-    def _average(self, tensors: TensorList) -> TensorList:
-        """Mean over ranks as new tensors (the inputs, which may belong to an autograd graph,
-        are not modified); the identity single-process. Averaging values that DDP already
-        averaged changes nothing, so this is also right for a DDP-wrapped model."""
-        if not (self._distributed() and tensors):
+    def _step(self, closure: Callable[[], Any] | None) -> Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def _sharded(self) -> bool:
+        return self._layout is not None and self._layout.kind == "shards"
+
+    def _replicas(self) -> bool:
+        return self._layout is not None and self._layout.kind == "replicas"
+
+    def _average(self, tensors: TensorList, *, inplace: bool = False) -> TensorList:
+        """Mean over the replicas (see :mod:`._data_parallel`); the identity otherwise."""
+        if not (self._replicas() and tensors):
             return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=self.process_group)
-        flat /= dist.get_world_size(self.process_group)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
+        return average(tensors, self._layout.group, inplace=inplace)
 
-    def _average_with_loss(
-        self, grads: TensorList, loss: Tensor | None
-    ) -> tuple[TensorList, Tensor | None]:
-        """Gradient and loss averaged in the same all_reduce: ``step`` returns the global mean
-        loss, and the skip decision (which reads the loss) is the same on every rank even when
-        only one rank's loss is non-finite."""
-        if loss is None or not self._distributed():
-            return self._average(grads), loss
-        *g, mean = self._average([*grads, loss.detach().to(grads[0].dtype).reshape(())])
-        return g, mean.to(loss.dtype)
+    def _mean_loss(self, loss: Tensor | None) -> Tensor | None:
+        """The loss averaged over the ranks (replicas or shards): ``step`` returns the global
+        mean loss, and the skip decision (which reads it) is the same on every rank."""
+        if loss is None or self._layout is None or self._layout.kind == "single":
+            return loss
+        return mean_scalar(loss, self._layout.group)
 
-    def _sync_generator(self) -> None:
+    def _synced(self, source: str) -> tuple[bool, bool]:
+        """Whether the gradient and the HVPs of ``source`` are already the union batch's."""
+        if self._sharded:
+            return True, True
+        synced = self.grads_synced
+        if synced is None:
+            synced = isinstance(self.module, torch.nn.parallel.DistributedDataParallel)
+        return (
+            synced and source in ("graph", "backward_closure"),
+            synced and source == "backward_closure",
+        )
+
+    def _sync_generator(self, like: Tensor) -> None:
         """Identical random directions on every rank: broadcast the generator's state from the
         group's first rank — the owned generator (seeded per process) and a given one alike (a
         generator seeded per rank would otherwise make the replicas drift apart silently)."""
-        if self._seed_synced or not self._distributed():
+        if self._seed_synced or self._layout is None or self._layout.kind == "single":
+            self._seed_synced = True
             return
-        state = self.generator.get_state()
-        backend_device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
-        buf = state.to(backend_device)
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
-        dist.broadcast(buf, src=src, group=self.process_group)
+        group = self._layout.group
+        buf = self.generator.get_state().to(collective_device(group, like))
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast(buf, src=src, group=group)
         self.generator.set_state(buf.cpu())
         self._seed_synced = True
 
@@ -444,19 +633,26 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _evaluate_step(self, closure: Callable[[], Any] | None) -> StepInputs | None:
         """The common preamble of ``step`` for the HVP-based optimizers: trainable parameters,
         the random generator synchronised, the call counted (and the health checked at a sync
-        point), loss/gradient/HVP from the caller's source, averaged over ranks, and the
-        momentum-averaged gradient. ``None`` when there is nothing to train."""
+        point), loss/gradient/HVP from the caller's source — averaged over replicas where the
+        model did not already —, and the momentum-averaged gradient. ``None`` when there is
+        nothing to train."""
         groups = self._begin_step()
         params = [p for ps in groups for p in ps]
         if not params:
             return None
-        self._sync_generator()
+        self._sync_generator(params[0])
         call = self._next_call()
         self._check_health(call)
-        ev = evaluate(params, closure, self.hvp_mode, module=self.module)
-        g, loss = self._average_with_loss(ev.grads, ev.loss)
+        ev = evaluate(params, closure, self.hvp_mode, module=self.module, sharded=self._sharded)
+        grads_synced, hvps_synced = self._synced(ev.source)
+        # graph gradients are the caller's tensors: averaged into new ones; copies in place
+        g = ev.grads if grads_synced else self._average(ev.grads, inplace=ev.source != "graph")
+        loss = self._mean_loss(ev.loss)
+        hvp = None
+        if ev.hvp_fn is not None:
+            hvp = ev.hvp_fn if hvps_synced else (lambda v: self._average(ev.hvp_fn(v)))
         m = self._momentum_gradient(groups, g)
-        return StepInputs(groups, params, call, ev, g, loss, m)
+        return StepInputs(groups, params, call, ev, g, loss, m, hvp)
 
     def _momentum_gradient(self, groups: list[list[Tensor]], g: TensorList) -> TensorList:
         """``m̂_t = m_t/(1 − β^t)``, ``m_t = β m_{t−1} + (1 − β) g_t`` per group with
@@ -469,7 +665,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if not any(group.get("momentum", 0.0) for group in self.param_groups):
             return g
         # t counts this step, on device, in float64 (β^t of an int64 tensor would be float32)
-        t = self._counter("step", g[0]).to(torch.float64) + 1
+        t = self._counter("step").to(torch.float64) + 1
         out = []
         for ps, gs, group in zip(groups, split_groups(g, groups), self.param_groups):
             beta = group.get("momentum", 0.0)
@@ -492,20 +688,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for g_params, y, group in zip(groups, step, self.param_groups):
             if not g_params:
                 continue
-            lr = torch.as_tensor(group["lr"], dtype=g_params[0].dtype, device=g_params[0].device)
+            g_params = locals_(g_params)
+            lr = group["lr"]  # a number (or a tensor) multiplies without a copy to the device
             decay = group.get("weight_decay", 0.0)
             if decay:
                 torch._foreach_mul_(g_params, torch.where(ok, 1 - lr * decay, 1.0))
             for p, yp in zip(g_params, y):
                 p.sub_(torch.where(ok, yp * lr, 0.0))
-        self._count_step(ok, groups_first(groups))
+        self._count_step(ok)
 
     def _zeros_state(self, p: Tensor, key: str) -> Tensor:
-        """``self.state[p][key]``, created as zeros shaped like ``p`` on first use."""
+        """This rank's piece of ``self.state[p][key]``, created as zeros shaped like ``p``."""
         state = self.state[p]
         if key not in state:
             state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state[key]
+        return local(state[key])
 
     def _uses_weight_decay(self, groups: list[list[Tensor]]) -> bool:
         """Whether any non-empty group uses weight decay (the fused kernel does not)."""
@@ -539,29 +736,28 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         last_call, last = getattr(self, "_health_seen", (0, {}))
         since = call - last_call
         seen = {}
+        state = self.global_state
         for key, (meaning, fix) in self._health_counters.items():
-            if key not in self.state:
-                continue
-            seen[key] = int(self.state[key])  # the sync
+            seen[key] = int(state[key])  # the sync
             new = seen[key] - last.get(key, 0)
             if new > 0 and (key == "skipped_steps" or 2 * new > since):
                 from .._warnings import warn_at_caller
 
                 warn_at_caller(
                     f"{type(self).__name__}: {new} of the last {since} step(s) — {meaning} "
-                    f"(state[{key!r}] = {seen[key]}). Fix: {fix}.",
+                    f"(counters()[{key!r}] = {seen[key]}). Fix: {fix}.",
                     RuntimeWarning,
                 )
         self._health_seen = (call, seen)
 
-    def _count_step(self, ok: Tensor, like: Tensor) -> None:
-        """``state["step"] += ok``, ``state["skipped_steps"] += not ok`` (on device), and the
-        momentum buffers of :meth:`_momentum_gradient` committed where ``ok``."""
+    def _count_step(self, ok: Tensor) -> None:
+        """``step += ok``, ``skipped_steps += not ok`` (on device), and the momentum buffers of
+        :meth:`_momentum_gradient` committed where ``ok``."""
         for m, new in getattr(self, "_pending_momentum", ()):
             m.copy_(torch.where(ok, new, m))
         self._pending_momentum = []
-        self._counter("step", like).add_(ok.to(torch.int64))
-        self._counter("skipped_steps", like).add_((~ok).to(torch.int64))
+        self._counter("step").add_(ok.to(torch.int64))
+        self._counter("skipped_steps").add_((~ok).to(torch.int64))
 
     def _shared_lr(self, groups: list[list[Tensor]]) -> float | Tensor | None:
         """The ``lr`` every non-empty group uses, or ``None`` when they differ (a tensor ``lr``
@@ -574,13 +770,49 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _detach_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """Leave the plain gradient in ``.grad`` (and drop a ``create_graph`` graph: the
-        param ↔ grad reference cycle it creates otherwise leaks memory)."""
+        param ↔ grad reference cycle it creates otherwise leaks memory). A sharded parameter's
+        ``.grad`` (a ``DTensor``) gets this rank's piece."""
         for p, g in zip(params, grads):
-            p.grad = g
+            if not is_sharded(p):
+                p.grad = g
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local(p.grad).copy_(g)
 
 
-def groups_first(groups: list[list[Tensor]]) -> Tensor:
-    return next(p for ps in groups for p in ps)
+class _ParamState(defaultdict):
+    """``self.state``: per-parameter entries only. Version 0.1 kept global entries under string
+    keys; reading one now raises (instead of silently creating an empty entry) and says where
+    they went."""
+
+    def __missing__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            raise KeyError(
+                f"{key!r}: optimizer-global state is kept in the first parameter's state since "
+                "version 0.2; read opt.global_state[...] or opt.counters()"
+            )
+        return super().__missing__(key)
+
+
+def _first_index(state_dict: dict[str, Any]) -> Any:
+    """The key of the first parameter in a packed ``state_dict`` (where global state lives)."""
+    return next(i for group in state_dict["param_groups"] for i in group["params"])
+
+
+def _migrate_global_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Version 0.1 kept global state under string keys of ``state``: move it into the first
+    parameter's entry (a new dict; the caller's is not changed)."""
+    state = state_dict["state"]
+    # keys are parameter indices (state_dict) or names (torch.distributed.checkpoint)
+    params = {i for group in state_dict["param_groups"] for i in group["params"]}
+    strays = {k: v for k, v in state.items() if k not in params}
+    if not strays:
+        return state_dict
+    first = _first_index(state_dict)
+    new_state = {k: v for k, v in state.items() if k in params}
+    new_state[first] = {**new_state.get(first, {}), **strays}
+    return {**state_dict, "state": new_state}
 
 
 def all_finite(*values: Tensor | None) -> Tensor:

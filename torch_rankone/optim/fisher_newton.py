@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._tensorlist import TensorList, norm
+from .._tensorlist import TensorList, embed_shard, norm, shard_of, sum_over_shards
 from ..curvature import per_sample_grads
 from ._protocol import (
     CurvatureError,
@@ -216,14 +216,16 @@ def fisher_newton_direction(
     grams: list[list[Tensor]] | None = None,
     *,
     times_damping: bool = False,
+    sum_partial: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[int, Tensor], Tensor]:
     """``y = ((1/B) J ᵀJ + Λ)⁻¹ g`` by Woodbury with ``U = Jᵀ/√B``, ``C = I_B``, ``Λ = diag(c_t)``.
 
     With ``Λ`` constant per tensor: ``a = (I + Σ_t J_tJ_tᵀ/(B c_t))⁻¹ Σ_t J_t g_t/(B c_t)`` and
     ``y_t = (g_t − J_tᵀ a)/c_t`` — for one shared ``c`` this is ``(c I + JJᵀ/B)⁻¹ Jg/B``, the usual
     form. ``times_damping``: return ``Λ y`` (``g_t − J_tᵀ a``) instead. ``g`` and ``c`` are keyed
-    by ``id(param)``; ``grams`` are the blocks' ``J_tJ_tᵀ`` when already computed. Returns
-    ``(y by id, finite flag)``.
+    by ``id(param)``; ``grams`` are the blocks' ``J_tJ_tᵀ`` when already computed.
+    ``sum_partial``: ``g`` holds one rank's pieces (zero elsewhere), so ``J g`` is a partial sum
+    that this completes over the ranks. Returns ``(y by id, finite flag)``.
     """
     grams = [blk.gram() for blk in blocks] if grams is None else grams
     # tensors sharing one damping tensor are summed first (float64), then scaled once
@@ -242,6 +244,8 @@ def fisher_newton_direction(
         G_t = torch.stack([t.to(torch.float64) for t in gram_ts]).sum(0) / scale
         b_t = torch.stack([t.to(torch.float64) for t in jg_ts]).sum(0) / scale
         G, b = (G_t, b_t) if G is None else (G + G_t, b + b_t)
+    if sum_partial is not None:
+        b = sum_partial(b)
     G.diagonal().add_(1.0)  # I + JJᵀ/(BΛ): symmetric positive definite
     chol, info = torch.linalg.cholesky_ex(G)
     a = torch.cholesky_solve(b[:, None], chol).squeeze(1)
@@ -308,6 +312,7 @@ class _LayerCapture:
     def __init__(self, module: torch.nn.Module | None, params: TensorList) -> None:
         self.module, self.ids = module, {id(p) for p in params}
         self.calls: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}
+        self.params: dict[torch.nn.Module, TensorList] = {}
         self.handles: list[Any] = []
 
     def __enter__(self) -> _LayerCapture:
@@ -315,6 +320,11 @@ class _LayerCapture:
             return self
         for layer in self.module.modules():
             if isinstance(layer, _ROW_LAYERS) and id(layer.weight) in self.ids:
+                # the parameters as the optimizer holds them (FSDP2 swaps in whole ones during
+                # the forward pass)
+                ps = [layer.weight]
+                ps += [layer.bias] if getattr(layer, "bias", None) is not None else []
+                self.params[layer] = ps
                 self.handles.append(layer.register_forward_hook(self._record))
         return self
 
@@ -334,8 +344,7 @@ class _LayerCapture:
                 continue
             if calls[0][0].shape[0] != batch or calls[0][1].shape[0] != batch:
                 continue
-            (A, z), ps = calls[0], [layer.weight]
-            ps += [layer.bias] if getattr(layer, "bias", None) is not None else []
+            (A, z), ps = calls[0], self.params[layer]
             if all(id(p) in self.ids for p in ps):
                 out.append((layer, A.detach(), z, ps))
         return out
@@ -497,8 +506,7 @@ class FisherNewton(SecondOrderOptimizer):
             check_hyper("param group damping", group["damping"], strict=damping_mode != "theory")
         self.module = module
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
+    def _step(self, closure: Callable[[], Any] | None) -> Tensor | None:
         """One FisherNewton step; returns the mean of the closure's per-sample losses."""
         groups = self._begin_step()
         if closure is None:
@@ -512,13 +520,22 @@ class FisherNewton(SecondOrderOptimizer):
             return None
         defaults = self.param_groups[0]
         self._check_health(self._next_call())
-        self._sync_generator()
+        self._sync_generator(params[0])
         with _LayerCapture(self.module, params) as capture:
             losses, fisher_losses = self._per_sample_losses(closure, params, defaults)
         rows_losses = losses if fisher_losses is None else fisher_losses
+        if self._sharded and fisher_losses is not None:
+            raise CurvatureError(
+                "FisherNewton: fisher='true' needs the data-label gradient by autograd.grad, "
+                "which does not reach FSDP2's sharded parameters; use fisher='empirical'"
+            )
         with torch.enable_grad():
             blocks = self._blocks(
-                rows_losses, params, capture, keep_graph=fisher_losses is not None
+                rows_losses,
+                params,
+                capture,
+                keep_graph=fisher_losses is not None,
+                sharded=self._sharded,
             )
             if fisher_losses is None:  # g = mean of the rows
                 ones = torch.full_like(rows_losses, 1.0 / rows_losses.shape[0]).detach()
@@ -528,7 +545,7 @@ class FisherNewton(SecondOrderOptimizer):
                 g_by_id = {id(p): gp for p, gp in zip(params, grads)}
         g_local = [g_by_id.get(id(p), torch.zeros_like(p)) for p in params]
         loss_local = losses.detach().mean()
-        if self._distributed():
+        if self._layout.kind != "single":
             # Ranks may hold different batch sizes: all_gather needs equal shapes, and the union
             # batch's mean weights rank r's mean by B_r/B (1 for equal sizes). One small
             # all_gather and one host sync per step, for the shapes.
@@ -538,11 +555,18 @@ class FisherNewton(SecondOrderOptimizer):
                 g_local = [t * weight for t in g_local]
                 loss_local = loss_local * weight
             blocks = [blk.gather(lambda rows: self._gather_rows(rows, sizes)) for blk in blocks]
+        if self._sharded:
+            # g of the union batch from its rows, then this rank's pieces; the direction is
+            # formed on whole parameter-shaped tensors from pieces embedded in zeros, whose
+            # row products J_t m_t are partial sums over the ranks (one all-reduce of B numbers)
+            ones = torch.full((blocks[0].batch,), 1.0 / blocks[0].batch, dtype=params[0].dtype)
+            whole = {id(p): t for blk in blocks for p, t in zip(blk.params, blk.vjp(ones))}
+            g_local = [shard_of(whole[id(p)], p) for p in params]
         g = self._clip(self._average(g_local), defaults.get("max_grad_norm"))
         m = self._momentum_gradient(groups, g)
-        m_by_id = {id(p): mp for p, mp in zip(params, m)}
+        m_by_id = {id(p): embed_shard(mp, p) for p, mp in zip(params, m)}
         batch = blocks[0].batch
-        loss = self._average([loss_local])[0]
+        loss = self._mean_loss(loss_local)
         grams = [blk.gram() for blk in blocks]
         c_groups = self._damping(g, loss, defaults, grams, batch)
         c_by_id = {id(p): c for c, ps in zip(c_groups, groups) for p in ps}
@@ -554,10 +578,11 @@ class FisherNewton(SecondOrderOptimizer):
             batch,
             grams,
             times_damping=defaults["damping_mode"] == "relative",
+            sum_partial=sum_over_shards if self._sharded else None,
         )
         ok = solved & all_finite(loss, torch.stack(c_groups))
-        self._apply_masked(groups, [[y[id(p)] for p in ps] for ps in groups], ok)
-        self.state["damping"] = c_groups[0].detach()
+        self._apply_masked(groups, [[shard_of(y[id(p)], p) for p in ps] for ps in groups], ok)
+        self.global_state["damping"] = c_groups[0].detach()
         self._detach_grads(params, g)
         return loss
 
@@ -571,7 +596,12 @@ class FisherNewton(SecondOrderOptimizer):
 
     @staticmethod
     def _blocks(
-        losses: Tensor, params: TensorList, capture: _LayerCapture, *, keep_graph: bool
+        losses: Tensor,
+        params: TensorList,
+        capture: _LayerCapture,
+        *,
+        keep_graph: bool,
+        sharded: bool = False,
     ) -> list[PerSampleRows]:
         """Implicit rows for captured ``nn.Linear`` layers on ``(B, in)``, rows from the layer
         outputs' gradients for the other captured layers, and one batched backward (``B``
@@ -580,6 +610,13 @@ class FisherNewton(SecondOrderOptimizer):
         blocks: list[PerSampleRows] = []
         covered = {id(p) for _, _, _, ps in layers for p in ps}
         rest = [p for p in params if id(p) not in covered]
+        if rest and sharded:
+            raise CurvatureError(
+                f"FisherNewton under FSDP2 takes per-sample gradients from layer inputs and "
+                f"output gradients only (module= with nn.Linear, nn.Conv2d, nn.LayerNorm, "
+                f"nn.Embedding layers called once per step); {len(rest)} parameter(s) are not "
+                "in such a layer, and the batched backward cannot reach sharded parameters"
+            )
         if layers:
             # δ_s = ∂ℓ_s/∂z_s: samples do not interact, so one backward of Σ ℓ_s gives them all
             deltas = torch.autograd.grad(
@@ -632,7 +669,8 @@ class FisherNewton(SecondOrderOptimizer):
         with torch.enable_grad():
             if loss_type == "cross_entropy":
                 losses = torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
-                probs = outputs.detach().softmax(-1).cpu().to(torch.float64)
+                # drawn on the generator's device (the parameters', for the owned one)
+                probs = outputs.detach().softmax(-1).to(self.generator.device, torch.float64)
                 sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
                 model_losses = torch.nn.functional.cross_entropy(
                     outputs, sampled.to(outputs.device), reduction="none"
@@ -640,16 +678,18 @@ class FisherNewton(SecondOrderOptimizer):
             else:
                 pred = outputs.reshape(outputs.shape[0], -1)
                 losses = 0.5 * (pred - targets.reshape(pred.shape)).pow(2).sum(1)
-                noise = torch.randn(pred.shape, generator=self.generator, dtype=pred.dtype)
+                noise = torch.randn(
+                    pred.shape, generator=self.generator, dtype=pred.dtype, device=self.generator.device
+                )
                 model_losses = 0.5 * (pred - (pred.detach() + noise.to(pred.device))).pow(2).sum(1)
         return losses, model_losses
 
     def _batch_sizes(self, local: int, device: torch.device) -> list[int]:
         """Every rank's batch size, in rank order."""
-        world = dist.get_world_size(self.process_group)
+        world = dist.get_world_size(self._layout.group)
         mine = torch.tensor([local], dtype=torch.int64, device=device)
         parts = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine, group=self.process_group)
+        dist.all_gather(parts, mine, group=self._layout.group)
         return torch.cat(parts).tolist()
 
     def _gather_rows(self, per_sample: TensorList, sizes: list[int]) -> TensorList:
@@ -660,7 +700,7 @@ class FisherNewton(SecondOrderOptimizer):
         if flat.shape[0] < max(sizes):  # all_gather needs equal shapes: pad with zero rows
             flat = torch.cat([flat, flat.new_zeros(max(sizes) - flat.shape[0], flat.shape[1])])
         parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat, group=self.process_group)
+        dist.all_gather(parts, flat, group=self._layout.group)
         rows = torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
         out, offset = [], 0
         for t in per_sample:

@@ -69,9 +69,12 @@ class NeumannIHVP(SecondOrderOptimizer):
         damping_mode: ``"relative"`` or ``"fixed"``.
         momentum: ``β`` of the bias-corrected gradient average (default 0).
         weight_decay: decoupled weight decay (AdamW).
-        process_group: average gradients and HVPs over this group (default: the world group
-            whenever ``torch.distributed`` is initialised).
-        module: the model, for finite-difference HVPs (buffers advance once per step).
+        process_group, module, grads_synced: as in :class:`RankOneNewton` (data parallelism:
+            ``docs/scaling.md``); ``module``: buffers advance once per step under finite
+            differences.
+
+    State (:attr:`global_state`, :meth:`counters`): ``"step"``, ``"skipped_steps"``,
+    ``"neumann_fallbacks"``, ``"scale"`` (the estimated ``s``; NaN before the first step).
 
     Divergence (a Rayleigh quotient of ``A = (H + λI)/s`` outside ``(0, 2)`` along the series'
     iterates — the series converges while ``A``'s eigenvalues lie there —, a growing term, or a
@@ -98,6 +101,7 @@ class NeumannIHVP(SecondOrderOptimizer):
     """
 
     _per_group = ("lr", "momentum", "weight_decay")
+    _global_floats = ("scale",)
     _health_counters = {
         **SecondOrderOptimizer._health_counters,
         "neumann_fallbacks": (
@@ -122,6 +126,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         process_group: Any = None,
         generator: torch.Generator | None = None,
         module: torch.nn.Module | None = None,
+        grads_synced: bool | None = None,
     ) -> None:
         if damping_mode not in ("relative", "fixed"):
             raise ValueError(f"damping_mode must be 'relative' or 'fixed', got {damping_mode!r}")
@@ -152,27 +157,31 @@ class NeumannIHVP(SecondOrderOptimizer):
             damping_mode=damping_mode,
             momentum=momentum,
             weight_decay=weight_decay,
+            hvp=hvp,
+            scale_refresh=scale_refresh,
         )
-        super().__init__(params, defaults, generator=generator, process_group=process_group)
-        self.hvp_mode = hvp
-        self.scale_refresh = scale_refresh
-        self.health_check_every = scale_refresh
+        super().__init__(
+            params,
+            defaults,
+            generator=generator,
+            process_group=process_group,
+            grads_synced=grads_synced,
+        )
         self.module = module
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
+    @property
+    def health_check_every(self) -> int:  # the counters are read when the scale is refreshed
+        return self.param_groups[0]["scale_refresh"]
+
+    def _step(self, closure: Callable[[], Any] | None) -> Tensor | None:
         """One NeumannIHVP step (``num_terms`` HVPs); returns the loss."""
         inputs = self._evaluate_step(closure)
         if inputs is None:
             return None
-        groups, params, call, ev, g, loss, m = inputs
+        groups, params, call, ev, g, loss, m, hvp = inputs
         opts = self.param_groups[0]
-
-        def hvp(v):
-            return self._average(ev.hvp_fn(v))
-
         relative = opts["damping_mode"] == "relative"
-        s = self._scale(hvp, g, opts, refresh=call % self.scale_refresh == 0)
+        s = self._scale(hvp, params, g, opts, refresh=call % opts["scale_refresh"] == 0)
         # relative: s = ŝ(1 + damping) and λ = damping·ŝ, so λ/s is constant
         lam = s * (opts["damping"] / (1 + opts["damping"])) if relative else opts["damping"]
         # The series converges while A's eigenvalues stay below 2: a quotient in (1, 2) (an
@@ -181,23 +190,23 @@ class NeumannIHVP(SecondOrderOptimizer):
         y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(m, res.solution)]
         if opts["scale"] is None:
             self._raise_stale_scale(res, s)
-        fallbacks = self._counter("neumann_fallbacks", params[0])
+        fallbacks = self._counter("neumann_fallbacks")
         fallbacks.add_(res.diverged.to(torch.int64))
         ok = all_finite(loss, s, *y)
         self._apply_masked(groups, split_groups(y, groups), ok)
         self._detach_grads(params, g)
         return loss
 
-    def _scale(self, hvp, like, opts, *, refresh: bool) -> Tensor:
+    def _scale(self, hvp, params, like, opts, *, refresh: bool) -> Tensor:
         """``s`` as a 0-d tensor; estimated on schedule when not given (syncs those steps)."""
         if opts["scale"] is not None:
-            return torch.as_tensor(opts["scale"], dtype=like[0].dtype, device=like[0].device)
-        if "scale" not in self.state or refresh:
+            return torch.full((), opts["scale"], dtype=like[0].dtype, device=like[0].device)
+        if refresh:
             relative = opts["damping_mode"] == "relative"
             lam = 0.0 if relative else opts["damping"]
             top = power_iteration(
                 lambda v: torch._foreach_add(hvp(v), torch._foreach_mul(v, lam)),
-                like,
+                params,
                 max_iters=20,
                 tol=1e-3,
                 generator=self.generator,
@@ -210,8 +219,8 @@ class NeumannIHVP(SecondOrderOptimizer):
                 )
             else:
                 s = 1.05 * lam_max
-            self.state["scale"] = s
-        return self.state["scale"]
+            self.global_state["scale"] = s
+        return self.global_state["scale"]
 
     def _raise_stale_scale(self, res, s: Tensor) -> None:
         """An estimated ``s`` goes stale as the curvature changes between refreshes. A Rayleigh
@@ -223,4 +232,4 @@ class NeumannIHVP(SecondOrderOptimizer):
         top = torch.nan_to_num(quotients, nan=0.0, posinf=0.0).max() if quotients.numel() else None
         if top is not None:
             raised = torch.where(top > 1, 1.05 * top.to(s.dtype) * s, s)
-            self.state["scale"] = raised
+            self.global_state["scale"] = raised

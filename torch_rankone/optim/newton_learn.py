@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _ext
+from .._random import owned_generator
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, RandK
 from ..distributed.protocol import CollectiveTransport, SimulatedTransport
@@ -306,7 +307,7 @@ def glm_newton(
     baseline of the benchmarks."""
     A, b = features.double(), targets.double()
     shard, phi = _Shard(A), glm_loss(loss)
-    x = torch.zeros(A.shape[1], dtype=torch.float64) if x0 is None else x0.double().clone()
+    x = A.new_zeros(A.shape[1]) if x0 is None else x0.to(A).clone()
     values = []
     for _ in range(iterations + 1):
         t = shard.mv(x)
@@ -376,7 +377,7 @@ class NewtonLearn(torch.optim.Optimizer):
         server_rank: Group rank of the server (it also holds a shard).
         generator: Source of the compressors' randomness (drawn for all nodes, in node order,
             on every rank; the server's state is broadcast at construction). Default: one
-            seeded from ``torch.initial_seed()``.
+            derived from ``torch.initial_seed()``.
         accounting: ``"realistic"`` (all nodes, Option-aware) or ``"paper"`` (the authors'
             one-node count); see :mod:`torch_rankone.distributed.accounting`.
         h0: Initial coefficients ``(n·m,)`` or ``(nodes, m)`` (this rank's); default
@@ -522,7 +523,7 @@ class NewtonLearn(torch.optim.Optimizer):
 
         self.generator = generator
         if generator is None:
-            self.generator = torch.Generator().manual_seed(torch.initial_seed())
+            self.generator = owned_generator()
         self.transport.broadcast_generator(self.generator)
         with torch.no_grad():
             p.copy_(self.transport.broadcast_from_server(p.detach()))
@@ -535,7 +536,6 @@ class NewtonLearn(torch.optim.Optimizer):
                 R = self.transport.max_everywhere(features.norm(dim=1).amax().to(torch.float64))
                 cubic_reg = phi.nu * float(R) ** 3
             self.cubic_reg = _check_positive("cubic_reg", cubic_reg, strict=False)
-        self.history: list[dict[str, float]] = []
         self._initialise(p, h0)
 
     # ---- initialisation --------------------------------------------------------------------
@@ -560,6 +560,7 @@ class NewtonLearn(torch.optim.Optimizer):
                 local.append(self._shard.weighted_gram(torch.ones_like(h.reshape(-1))))
             mats = self.transport.sum_to_server(torch.stack(local).to(self.solve_dtype)) / nm
         state = self.state[p]
+        state["history"] = []
         state["h"] = h
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["skipped_steps"] = torch.zeros((), dtype=torch.int64)
@@ -573,6 +574,7 @@ class NewtonLearn(torch.optim.Optimizer):
             state["H"] = mats[0].contiguous()
             if self.solver == "cholesky_update":
                 state["chol"] = torch.linalg.cholesky(_shifted(state["H"], self._lam))
+                state["refactorizations"] = 0
         else:
             state["A"] = (mats[0] + 2 * self.gamma * mats[1]).contiguous()
             state["B"] = mats[1].contiguous()
@@ -585,24 +587,52 @@ class NewtonLearn(torch.optim.Optimizer):
     def _param(self) -> Tensor:
         return self.param_groups[0]["params"][0]
 
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """All of the optimizer's state (``x`` is its only parameter): ``"h"``, ``"step"``,
+        ``"skipped_steps"``, ``"bits_sent"``, ``"history"``, the server's ``"H"``/``"A"``, ``"B"``,
+        ``"chol"``, ``"refactorizations"``."""
+        return self.state[self._param]
+
+    def counters(self) -> dict[str, int]:
+        """``{"step": iterations, "skipped_steps": non-finite steps not applied}`` (host ints)."""
+        return {key: int(self.global_state[key]) for key in ("step", "skipped_steps")}
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Per iteration ``{"loss": P(x^k), "bits": cumulative bits, "time": seconds}``; kept in
+        the state, so checkpoints (``state_dict``, ``torch.distributed.checkpoint``) carry it."""
+        return self.global_state["history"]
+
+    @history.setter
+    def history(self, value: list[dict[str, float]]) -> None:
+        self.global_state["history"] = value
+
     # ---- checkpointing ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        self.state[self._param]["generator_state"] = self.generator.get_state()
+        """The state of this process. Distributed, every rank holds its own nodes' ``h`` (and
+        the server the matrices): save and load each rank's ``state_dict`` with ``torch.save``
+        (``torch.distributed.checkpoint`` needs one process, where the state is global)."""
+        self.global_state["generator_state"] = self.generator.get_state()
         out = super().state_dict()
-        out["history"] = [dict(h) for h in self.history]
+        # a tuple: distributed checkpoints store it whole (a list of dicts would be flattened
+        # into entries that a fresh optimizer's empty history has no place for)
+        ((index, entry),) = out["state"].items()
+        out["state"][index] = {**entry, "history": tuple(dict(h) for h in self.history)}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # the base class casts floating state to the parameter's dtype; the d×d matrices are
-        # float64 on purpose and must come back exactly
+        # float64 on purpose and must come back exactly (on the parameter's device)
         (saved,) = state_dict["state"].values()
-        state = self.state[self._param]
+        state, device = self.global_state, self._param.device
         for key, value in saved.items():
-            state[key] = value.clone() if isinstance(value, Tensor) else value
-        self.generator.set_state(state["generator_state"].cpu())
-        self.history = [dict(h) for h in state_dict.get("history", [])]
+            state[key] = value.to(device, copy=True) if isinstance(value, Tensor) else value
+        self.generator.set_state(state["generator_state"].to("cpu", torch.uint8))
+        # version 0.1 kept the history next to the state
+        self.history = [dict(h) for h in saved.get("history", state_dict.get("history", []))]
 
     # ---- one iteration ---------------------------------------------------------------------
 
@@ -724,6 +754,6 @@ class NewtonLearn(torch.optim.Optimizer):
             chol, ok = cholesky_rank_one_update(chol, rows[idx[t]].to(M.dtype), coef[t])
             if not ok:
                 chol = torch.linalg.cholesky(_shifted(M, self._lam))
-                state["refactorizations"] = state.get("refactorizations", 0) + 1
+                state["refactorizations"] += 1
                 break
         state["chol"] = chol

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._tensorlist import TensorList, dot, norm, numel, rademacher_like, randn_like
+from .._tensorlist import (
+    TensorList,
+    dot,
+    local,
+    norm,
+    norm1,
+    numel,
+    rademacher_like,
+    randn_like,
+)
 from ..curvature import power_iteration
 from ..linalg import shifted_lowrank_solve
 from ._protocol import (
@@ -41,17 +50,21 @@ def theory_damping(grad_norm: Tensor, n: int, M: float, lam_max: Tensor | float,
     return torch.sqrt(M * grad_norm / 2) + sigma.to(grad_norm.device)
 
 
-def _symmetrised_outer_coefficients(n: int) -> Tensor:
-    """``C`` of ``S = (N/2)(h uᵀ + u hᵀ) = U C Uᵀ`` with ``U = [h, u]``."""
-    return (n / 2) * torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+def _symmetrised_outer_coefficients(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``C`` of ``S = (N/2)(h uᵀ + u hᵀ) = U C Uᵀ`` with ``U = [h, u]`` (made on ``device``: a
+    copy from the host would synchronise)."""
+    return torch.full((2, 2), n / 2, dtype=torch.float64, device=device).fill_diagonal_(0.0)
 
 
 def rank_one_newton_direction(
-    g: TensorList, h: TensorList, u: TensorList, c: list[Tensor]
+    g: TensorList, h: TensorList, u: TensorList, c: list[Tensor], n: int | None = None
 ) -> tuple[TensorList, Tensor]:
     """``y = (S + Λ)⁻¹ g`` with ``S = (N/2)(h uᵀ + u hᵀ)`` and ``Λ`` diagonal, constant per tensor
-    (``c[t]`` on tensor ``t``): a rank-2 Woodbury solve. Returns ``(y, coefficients_finite)``."""
-    return shifted_lowrank_solve(g, [h, u], _symmetrised_outer_coefficients(numel(g)), c)
+    (``c[t]`` on tensor ``t``): a rank-2 Woodbury solve. ``n``: ``N`` when the vectors are
+    shards (default: their size). Returns ``(y, coefficients_finite)``."""
+    n = numel(g) if n is None else n
+    C = _symmetrised_outer_coefficients(n, g[0].device)
+    return shifted_lowrank_solve(g, [h, u], C, c)
 
 
 def nystrom_core(omega: list[TensorList], y: list[TensorList], rcond: float = 1e-6) -> Tensor:
@@ -63,13 +76,16 @@ def nystrom_core(omega: list[TensorList], y: list[TensorList], rcond: float = 1e
     Tropp & Udell, "Randomized Nyström preconditioning", 2023). ``k×k``, float64, on device.
     """
     k = len(omega)
+    if k == 1:  # one sketch: 1/θ for θ = ωᵀy > 0, else 0, without eigh (which syncs on CUDA)
+        theta = dot(omega[0], y[0], dtype=torch.float64).reshape(1, 1)
+        return torch.where(theta > 0, 1 / torch.where(theta > 0, theta, 1.0), 0.0)
     W = torch.stack(
         [
             torch.stack([dot(omega[i], y[j], dtype=torch.float64) for j in range(k)])
             for i in range(k)
         ]
     )
-    theta, Q = torch.linalg.eigh((W + W.T) / 2)
+    theta, Q = torch.linalg.eigh((W + W.T) / 2)  # k ≥ 2: a host sync on CUDA (documented)
     keep = theta > rcond * theta.abs().max()
     inv = torch.where(keep, 1 / torch.where(keep, theta, 1.0), 0.0)
     return (Q * inv) @ Q.T
@@ -152,15 +168,22 @@ class RankOneNewton(SecondOrderOptimizer):
         momentum: ``β`` of the bias-corrected average of the gradient the step is applied to
             (``None``: 0.9 for diag+lowrank, 0 for isotropic).
         weight_decay: decoupled weight decay, ``x ← x(1 − lr·wd)`` (AdamW).
-        process_group: average gradients and HVPs over this group (default: the world group
-            whenever ``torch.distributed`` is initialised).
+        process_group: the ranks whose batches form the union batch (default: the world group
+            whenever ``torch.distributed`` is initialised); FSDP2-sharded parameters use their
+            mesh's group.
         lambda_max_refresh: steps between power-iteration estimates of ``λ_max`` (theory mode).
         module: the model, for finite-difference HVPs: its buffers (BatchNorm statistics) then
-            advance once per step.
+            advance once per step. A ``DistributedDataParallel`` module also means
+            ``grads_synced=True``.
+        grads_synced: the closure's ``backward()`` already averages gradients over the ranks
+            (DDP does): the gradient and finite-difference HVPs of a backward closure are then
+            not all-reduced again (``None``: True iff ``module`` is a DDP module). See
+            ``docs/scaling.md`` for DDP, FSDP2 and distributed checkpoints.
 
-    State: ``state["step"]``, ``state["skipped_steps"]`` (non-finite steps, masked on device),
-    ``state["safeguard_hits"]``, ``state["damping"]`` (the last shift ``c`` or ``δ``),
-    ``state["lambda_max"]``; per parameter ``"hessian_sq_avg"`` (``v``), ``"momentum_buffer"``.
+    State (:attr:`global_state`, read the counters with :meth:`counters`): ``"step"``,
+    ``"skipped_steps"`` (non-finite steps, masked on device), ``"safeguard_hits"``, ``"damping"``
+    (the last shift ``c`` or ``δ``), ``"lambda_max"``; per parameter ``"hessian_sq_avg"`` (``v``),
+    ``"momentum_buffer"``, ``"sketch_u0"``, ``"sketch_h0"``, … (``rank > 1``).
     Skipped steps and a safeguard firing on most steps are reported by a ``RuntimeWarning`` at
     the sync points of :meth:`SecondOrderOptimizer._check_health` (calls 1, 2, 4, …, then every
     100); other steps never synchronise with the host.
@@ -184,6 +207,7 @@ class RankOneNewton(SecondOrderOptimizer):
     """
 
     _per_group = ("lr", "damping", "delta", "momentum", "weight_decay")
+    _global_floats = ("damping", "lambda_max")
     _health_counters = {
         **SecondOrderOptimizer._health_counters,
         "safeguard_hits": (
@@ -214,6 +238,7 @@ class RankOneNewton(SecondOrderOptimizer):
         process_group: Any = None,
         lambda_max_refresh: int = 100,
         module: torch.nn.Module | None = None,
+        grads_synced: bool | None = None,
     ) -> None:
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(
@@ -265,10 +290,18 @@ class RankOneNewton(SecondOrderOptimizer):
             rank=rank,
             beta2=beta2,
             init_probes=init_probes,
+            hvp=hvp,
+            lambda_max_refresh=lambda_max_refresh,
             momentum=momentum,
             weight_decay=weight_decay,
         )
-        super().__init__(params, defaults, generator=generator, process_group=process_group)
+        super().__init__(
+            params,
+            defaults,
+            generator=generator,
+            process_group=process_group,
+            grads_synced=grads_synced,
+        )
         for group in self.param_groups:
             for key in ("damping", "delta"):
                 check_hyper(f"param group {key}", group[key])
@@ -284,35 +317,50 @@ class RankOneNewton(SecondOrderOptimizer):
                 )
         if damping_mode == "theory" and len({g["delta"] for g in self.param_groups}) > 1:
             raise ValueError("damping_mode='theory' needs the same delta in every group")
-        self.hvp_mode = hvp
-        self.lambda_max_refresh = lambda_max_refresh
         self.module = module
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
+    def _param_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys = super()._param_state_keys(group)
+        if group["preconditioner"] == "diag+lowrank":
+            keys += ("hessian_sq_avg",)
+            keys += tuple(f"sketch_{w}{j}" for j in range(group["rank"] - 1) for w in "uh")
+        return keys
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # version 0.1 kept the older sketches of a parameter as one tensor (2, kept, *shape)
+        rank = self.param_groups[0]["rank"]
+        for state in self.state.values():
+            old = state.pop("sketches", None)
+            for j in range(0 if old is None else old.shape[1]):
+                slot = rank - 1 - old.shape[1] + j
+                state[f"sketch_u{slot}"].copy_(old[0, j])
+                state[f"sketch_h{slot}"].copy_(old[1, j])
+
+    def _step(self, closure: Callable[[], Any] | None) -> Tensor | None:
         """One RankOneNewton step; returns the loss (``None`` for graph gradients)."""
         inputs = self._evaluate_step(closure)
         if inputs is None:
             return None
-        groups, params, self._call, ev, g, loss, m = inputs
+        groups, params, self._call, ev, g, loss, m, hvp = inputs
         if self.param_groups[0]["preconditioner"] == "isotropic":
-            self._isotropic_step(groups, params, m, loss, ev)
+            self._isotropic_step(groups, params, m, loss, hvp)
         else:
-            self._diag_lowrank_step(groups, params, m, loss, ev)
+            self._diag_lowrank_step(groups, params, m, loss, hvp)
         self._detach_grads(params, g)
         return loss
 
-    def _diag_lowrank_step(self, groups, params, g, loss, ev) -> None:
+    def _diag_lowrank_step(self, groups, params, g, loss, hvp) -> None:
         opts = self.param_groups[0]
         u = rademacher_like(params, self.generator)
-        h = self._average(ev.hvp_fn(u))
+        h = hvp(u)
         sample = torch._foreach_mul(u, h)
         sq = torch._foreach_mul(sample, sample)
         # One Hutchinson sample is a noisy diagonal: at the first call, average the squares of
         # init_probes of them, so that no coordinate starts from a near-zero estimate.
         for _ in range(opts["init_probes"] - 1 if self._call == 0 else 0):
             w = rademacher_like(params, self.generator)
-            extra = torch._foreach_mul(w, self._average(ev.hvp_fn(w)))
+            extra = torch._foreach_mul(w, hvp(w))
             torch._foreach_addcmul_(sq, extra, extra)
         if self._call == 0:
             torch._foreach_div_(sq, float(opts["init_probes"]))
@@ -320,10 +368,10 @@ class RankOneNewton(SecondOrderOptimizer):
         # v_t = β₂ v + (1 − β₂)(u ⊙ h)², committed below only if the step is applied
         v_old = [self._zeros_state(p, "hessian_sq_avg") for p in params]
         v = torch._foreach_lerp(v_old, sq, 1 - beta2)
-        t = self._counter("step", params[0]).to(torch.float64) + 1
+        t = self._counter("step").to(torch.float64) + 1
         diag = torch._foreach_div(v, (1 - beta2**t).to(g[0].dtype))
         torch._foreach_sqrt_(diag)
-        mean_diag = torch.stack(torch._foreach_norm(diag, 1)).sum() / numel(params)
+        mean_diag = norm1(diag) / numel(params)
         tiny = torch.finfo(g[0].dtype).tiny  # Λ = 0 (no curvature seen yet) still solves
         scale = mean_diag if opts["damping_mode"] == "relative" else torch.ones_like(mean_diag)
         shift = []  # Λ + δ, in place: Λ itself is not needed any more
@@ -336,41 +384,48 @@ class RankOneNewton(SecondOrderOptimizer):
             C = nystrom_core(omega, sketches)
             y, solved = shifted_lowrank_solve(g, sketches, C, shift)
         else:
-            y, solved = torch._foreach_div(g, shift), torch.ones((), dtype=torch.bool)
-        ok = solved.to(g[0].device) & all_finite(loss, mean_diag)
+            y, solved = torch._foreach_div(g, shift), all_finite(mean_diag)
+        ok = solved & all_finite(loss, mean_diag)
         for vo, vn in zip(v_old, v):
             vo.copy_(torch.where(ok, vn, vo))
-        self.state["damping"] = (mean_diag * opts["damping"]).detach()
+        self.global_state["damping"] = (mean_diag * opts["damping"]).detach().to(g[0].dtype)
+        if opts["rank"] > 1:
+            self._push_sketch(params, u, h, opts["rank"])
         self._apply_masked(groups, split_groups(y, groups), ok)
 
     def _sketches(self, params, u, h, rank: int) -> tuple[list[TensorList], list[TensorList]]:
-        """The last ``rank`` sketch pairs ``(u_j, h_j)``, this step's last; older pairs are kept
-        per parameter (``state[p]["sketches"]``, shape ``(2, rank − 1, *p.shape)``)."""
+        """The last ``rank`` sketch pairs ``(u_j, h_j)``, this step's last; the ``rank − 1``
+        older pairs are kept per parameter, oldest first (``state[p]["sketch_u0"]``,
+        ``["sketch_h0"]``, …; the first calls use the ones filled so far)."""
         if rank == 0:
             return [], []
-        if rank == 1:
-            return [u], [h]
-        stores = []
-        for p in params:
-            st = self.state[p]
-            if "sketches" not in st:
-                st["sketches"] = torch.zeros(2, 0, *p.shape, dtype=p.dtype, device=p.device)
-            stores.append(st["sketches"])
-        kept = stores[0].shape[1]
-        omega = [[s[0, j] for s in stores] for j in range(kept)] + [u]
-        ys = [[s[1, j] for s in stores] for j in range(kept)] + [h]
-        for p, s, ui, hi in zip(params, stores, u, h):
-            new = torch.stack([ui, hi])[:, None]
-            self.state[p]["sketches"] = torch.cat([s, new], dim=1)[:, -(rank - 1) :]
-        return omega, ys
+        kept = min(self._call, rank - 1)
+        older = [
+            [[self._zeros_state(p, f"sketch_{w}{j}") for p in params] for j in range(rank - 1)]
+            for w in "uh"
+        ]
+        return older[0][rank - 1 - kept :] + [u], older[1][rank - 1 - kept :] + [h]
 
-    def _isotropic_step(self, groups, params, g, loss, ev) -> None:
+    def _push_sketch(self, params, u, h, rank: int) -> None:
+        """This step's pair replaces the oldest kept one, which becomes the newest slot (the
+        names rotate: no copies but this one)."""
+        for p, ui, hi in zip(params, u, h):
+            st = self.state[p]
+            for w, new in (("u", ui), ("h", hi)):
+                names = [f"sketch_{w}{j}" for j in range(rank - 1)]
+                oldest = st[names[0]]
+                local(oldest).copy_(new)
+                for a, b in zip(names, names[1:]):
+                    st[a] = st[b]
+                st[names[-1]] = oldest
+
+    def _isotropic_step(self, groups, params, g, loss, hvp) -> None:
         z = randn_like(params, self.generator)
         u = torch._foreach_div(z, norm(z))
-        h = self._average(ev.hvp_fn(u))
+        h = hvp(u)
         n = numel(params)
         defaults = self.param_groups[0]
-        c_groups = self._shifts(g, h, n, ev, defaults)
+        c_groups = self._shifts(g, h, n, hvp, params, defaults)
 
         # Safeguard: S's only negative eigenvalue is μ₋ = (N/2)(h·u − ‖h‖‖u‖), ‖u‖ = 1. Raise
         # every c by the same shift so that the smallest c becomes max(c, |μ₋| + c/2): the
@@ -382,7 +437,7 @@ class RankOneNewton(SecondOrderOptimizer):
             shift = (-mu_minus - c_min / 2).clamp_min(0.0)
             shifted = {id(c): c + shift for c in c_groups}  # keeps shared values shared
             c_groups = [shifted[id(c)] for c in c_groups]
-            self._counter("safeguard_hits", params[0]).add_((shift > 0).to(torch.int64))
+            self._counter("safeguard_hits").add_((shift > 0).to(torch.int64))
         finite = all_finite(loss, torch.stack(c_groups))
         relative = defaults["damping_mode"] == "relative"
         lr = self._shared_lr(groups)
@@ -390,59 +445,65 @@ class RankOneNewton(SecondOrderOptimizer):
             lr is not None
             and all(c is c_groups[0] for c in c_groups)
             and not self._uses_weight_decay(groups)
+            and not self._sharded  # the fused kernel's Gram would be this rank's piece only
         ):
             # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
             # lr = NaN vetoes the step on device when the loss or c is not finite.
-            lr = torch.as_tensor(lr, dtype=torch.float64, device=g[0].device)
+            lr = (
+                lr.to(g[0].device, torch.float64)
+                if isinstance(lr, Tensor)
+                else torch.full((), lr, dtype=torch.float64, device=g[0].device)
+            )
             if relative:
                 lr = lr * c_groups[0].to(torch.float64)
             lr = torch.where(finite, lr, torch.nan)
-            C = _symmetrised_outer_coefficients(n)
+            C = _symmetrised_outer_coefficients(n, g[0].device)
             ok = _ext.lowrank_solve_update(params, g, [h, u], C, c_groups[0], lr)
-            self._count_step(ok, params[0])
+            self._count_step(ok)
         else:
             c_tensors = [c for c, ps in zip(c_groups, groups) for _ in ps]
-            y, solved = rank_one_newton_direction(g, h, u, c_tensors)
+            y, solved = rank_one_newton_direction(g, h, u, c_tensors, n)
             if relative:  # γ = c: the step along directions S does not see is lr·g
                 y = torch._foreach_mul(y, c_tensors)
             self._apply_masked(groups, split_groups(y, groups), solved & finite)
-        self.state["damping"] = c_groups[0].detach()
+        self.global_state["damping"] = c_groups[0].detach()
 
-    def _shifts(self, g: TensorList, h: TensorList, n: int, ev, defaults: dict) -> list[Tensor]:
+    def _shifts(self, g, h, n: int, hvp, params, defaults: dict) -> list[Tensor]:
         """``c = δ + α`` per group, as 0-d tensors on the parameters' device (no host sync)."""
         device, dtype = g[0].device, g[0].dtype
         mode = defaults["damping_mode"]
         if mode in ("fixed", "relative"):
-            scale = (n / 2) * norm(h) if mode == "relative" else 1.0
+            # relative: α scales with (N/2)‖h‖, a device tensor; fixed: made on the device
+            scale = (n / 2) * norm(h).to(torch.float64) if mode == "relative" else None
             cache = {}
             return [
                 cache.setdefault(
                     (group["delta"], group["damping"]),
-                    (
-                        group["delta"]
-                        + group["damping"] * torch.as_tensor(scale, dtype=torch.float64)
-                    ).to(device, dtype),
+                    (group["delta"] + group["damping"] * scale).to(device, dtype)
+                    if scale is not None
+                    else torch.full((), group["delta"] + group["damping"], dtype=dtype, device=device),
                 )
                 for group in self.param_groups
             ]
         lam = defaults["lambda_max"]
         if lam is None:
-            lam = self._estimated_lambda_max(ev, g)
+            lam = self._estimated_lambda_max(hvp, params)
         alpha = theory_damping(norm(g), n, defaults["hessian_lipschitz"], lam, defaults["delta"])
         c = alpha + defaults["delta"]
         return [c] * len(self.param_groups)
 
-    def _estimated_lambda_max(self, ev, like: TensorList) -> Tensor:
+    def _estimated_lambda_max(self, hvp, params) -> Tensor:
         """``|λ_max(H)|`` by 20 power iterations, at the first call and every
         ``lambda_max_refresh`` calls (those steps synchronise with the host)."""
-        if "lambda_max" not in self.state or self._call % self.lambda_max_refresh == 0:
+        state = self.global_state
+        if self._call % self.param_groups[0]["lambda_max_refresh"] == 0:
             res = power_iteration(
-                lambda v: self._average(ev.hvp_fn(v)),
-                like,
+                hvp,
+                params,
                 max_iters=20,
                 tol=1e-3,
                 generator=self.generator,
                 warn=False,
             )
-            self.state["lambda_max"] = res.eigenvalue.abs().to(like[0].device)
-        return self.state["lambda_max"]
+            state["lambda_max"] = res.eigenvalue.abs().to(state["lambda_max"])
+        return state["lambda_max"]
