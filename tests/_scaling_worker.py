@@ -220,6 +220,36 @@ def scenario_dcp(rank: int, world: int) -> dict:
     }
 
 
+def scenario_fsdp_refusals(rank: int, world: int) -> dict:
+    """Under FSDP2 a loss closure, graph gradients and ``hvp="exact"`` cannot work (autograd
+    does not reach sharded parameters): each raises ``CurvatureError`` and changes nothing."""
+    from torch_rankone.optim import CurvatureError
+
+    net = fsdp(model())
+    X, Y = data(rank, world)
+    before = flat(net)
+    messages = {}
+
+    def graph_step(opt):
+        opt.zero_grad()
+        F.cross_entropy(net(X), Y).backward(create_graph=True)
+        return opt.step()
+
+    attempts = {
+        "loss_closure": ({}, lambda o: o.step(lambda: F.cross_entropy(net(X), Y))),
+        "graph": ({}, graph_step),
+        "exact": ({"hvp": "exact"}, lambda o: stepper("rank_one", net, o, X, Y)()),
+    }
+    for name, (kwargs, attempt) in attempts.items():
+        try:
+            attempt(RankOneNewton(list(net.parameters()), **kwargs))
+        except CurvatureError as exc:
+            messages[name] = str(exc)
+        else:
+            messages[name] = None
+    return {"messages": messages, "unchanged": torch.equal(flat(net), before)}
+
+
 def _mismatch(params_of_rank: Callable[[nn.Module, int], list]) -> dict:
     net = model()
     opt = RankOneNewton(params_of_rank(net, dist.get_rank()))

@@ -29,7 +29,15 @@ multi_process = pytest.mark.skipif(
 )
 
 WORKER = Path(__file__).with_name("_scaling_worker.py")
-SCENARIOS = ("fsdp", "ddp", "collective_bytes", "dcp", "mismatched_order", "extra_parameter")
+SCENARIOS = (
+    "fsdp",
+    "ddp",
+    "collective_bytes",
+    "dcp",
+    "fsdp_refusals",
+    "mismatched_order",
+    "extra_parameter",
+)
 TIGHT = 1e-10
 
 
@@ -73,6 +81,15 @@ def test_the_reference_comparison_can_fail(ranks):
     """Another optimizer's trajectory is far from the reference (the comparison has teeth)."""
     fsdp = ranks.results("fsdp")[0]
     assert relative_error(fsdp["neumann"], reference("rank_one")) > 1e-2
+
+
+@multi_process
+def test_sharded_models_refuse_what_autograd_cannot_reach(ranks):
+    for rank, result in enumerate(ranks.results("fsdp_refusals")):
+        for source, message in result["messages"].items():
+            assert message is not None, f"rank {rank}: {source} was accepted under FSDP2"
+            assert "backward" in message, message
+        assert result["unchanged"], f"rank {rank}: a refused step changed the parameters"
 
 
 @multi_process
