@@ -1,6 +1,6 @@
 """Build entry for torch_rankone.
 
-The compiled extension ``torch_rankone._C`` (the kernels of ``csrc/``, SPEC §5) is built against
+The compiled extension ``torch_rankone._C`` (the kernels of ``csrc/``) is built against
 the torch that is already installed, hence ``pip install --no-build-isolation -e .``:
 
 * always the C++ sources (``csrc/**/*.cpp``), a ``CppExtension``;

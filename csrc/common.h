@@ -1,4 +1,4 @@
-// Shared by the CPU and CUDA kernels of torch_rankone._C (SPEC §5): plain-data descriptions of a
+// Shared by the CPU and CUDA kernels of torch_rankone._C: plain-data descriptions of a
 // multi-tensor problem, the k×k Woodbury solve, and the host-side input validation.
 //
 // Everything above the `#ifndef TORCH_RANKONE_KERNEL_ONLY` guard is plain C++ usable from device
@@ -111,6 +111,16 @@ TR_HD inline double output_scale(bool in_place, double c, double lr) {
   return in_place ? -lr / c : 1.0 / c;
 }
 
+// Whether the in-place pass 2 runs, given coefs = [a_0 .. a_{k-1}, scale]: every coefficient and
+// the scale −lr/c are finite (a failed solve makes every a_j NaN; lr = NaN vetoes the step). Both
+// implementations test exactly this, each value, and return it as the op's `applied` result;
+// with every tensor empty the solve still runs (on G = 0, b = 0), so the answer is the same.
+TR_HD inline bool update_applies(int k, const double* coefs) {
+  bool ok = is_finite(coefs[k]);
+  for (int j = 0; j < k; ++j) ok = ok && is_finite(coefs[j]);
+  return ok;
+}
+
 // Arguments of the gathered outer-product accumulation H += Σ_t coef_t A[idx_t] A[idx_t]ᵀ, H d×d
 // and A n×d (rows `lda` apart), both contiguous along rows.
 struct OuterArgs {
@@ -167,8 +177,10 @@ struct OuterProblem {
   at::Tensor A, idx, coef;
 };
 
-// On the host this also checks that every index is in range; the CUDA kernel checks that on
-// device instead (no host synchronisation).
+// On the CPU this also checks that every index is in range (IndexError). The CUDA op does not
+// (reading device indices would synchronise with the host): torch_rankone._ext checks indices
+// while they are still on the host, and device-resident ones only when asked (check_indices);
+// the CUDA kernel asserts on device as a last resort.
 OuterProblem check_outer(const char* op, c10::DeviceType expected, const at::Tensor& H,
                          const at::Tensor& A, const at::Tensor& idx, const at::Tensor& coef);
 

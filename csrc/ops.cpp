@@ -1,4 +1,4 @@
-// The op schemas of torch_rankone (SPEC §5) and the Python module torch_rankone._C, whose import
+// The op schemas of torch_rankone and the Python module torch_rankone._C, whose import
 // registers them. Implementations: cpu/ops_cpu.cpp (CPU), cuda/ops_cuda.cu (CUDA).
 //
 // U is passed flat, column-major: U[j·n + i] is column j's tensor for parameter i (n = len(g)),

@@ -170,6 +170,15 @@ class Ranks:
         return [o["result"] for o in got]
 
 
+def scenarios_in(namespace: dict) -> dict[str, Callable[[int, int], dict]]:
+    """A worker module's ``scenario_*`` functions by name (without the prefix), in order."""
+    return {
+        name.removeprefix("scenario_"): fn
+        for name, fn in namespace.items()
+        if name.startswith("scenario_")
+    }
+
+
 def worker_main(argv: list[str], scenarios: dict[str, Callable[[int, int], dict]]) -> int:
     """``argv``: RANK WORLD STORE OUT SCENARIO... — runs the scenarios in order and saves
     ``{scenario: outcome}`` to ``OUT``, an outcome being ``{"ok": True, "result": ...,

@@ -16,7 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _dist_harness import worker_main
+from _dist_harness import scenarios_in, worker_main
 from _optim_problems import MLPProblem, PaperRankOneNewton
 
 from torch_rankone import FisherNewton, NeumannIHVP
@@ -255,11 +255,7 @@ def scenario_failing_rank(rank: int, world: int) -> dict:
     return {}
 
 
-SCENARIOS = {
-    name.removeprefix("scenario_"): fn
-    for name, fn in globals().items()
-    if name.startswith("scenario_")
-}
+SCENARIOS = scenarios_in(globals())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _dist_harness import worker_main
+from _dist_harness import scenarios_in, worker_main
 from torch import nn
 from torch.nn import functional as F
 
@@ -272,11 +272,7 @@ def scenario_extra_parameter(rank: int, world: int) -> dict:
     return _mismatch(lambda net, r: list(net.parameters()) + (extra if r == 1 else []))
 
 
-SCENARIOS = {
-    name.removeprefix("scenario_"): fn
-    for name, fn in globals().items()
-    if name.startswith("scenario_")
-}
+SCENARIOS = scenarios_in(globals())
 
 if __name__ == "__main__":
     sys.exit(worker_main(sys.argv, SCENARIOS))

@@ -151,3 +151,22 @@ def test_a_cpu_checkpoint_loads_onto_cuda_parameters(cls):
     )
     opt2.step(lambda: model(x.cuda()).pow(2).mean())
     assert opt2.counters()["step"] == 2
+
+
+def test_newton_learn_options_are_in_the_param_group_and_checked_on_load(legacy):
+    data = legacy["data"]
+    x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    nl1 = NewtonLearn([x], data["A"], data["b"], num_nodes=4, lam=1e-3)
+    assert "variant: nl1" in repr(nl1) and nl1.param_groups[0]["eta"] == nl1.eta
+    nl1.step()
+    saved = nl1.state_dict()
+    y = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    nl2 = NewtonLearn([y], data["A"], data["b"], num_nodes=4, lam=1e-3, variant="nl2")
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in nl2.global_state.items()}
+    with pytest.raises(ValueError, match="variant='nl1'.*nothing was changed"):
+        nl2.load_state_dict(saved)
+    assert nl2.global_state.keys() == before.keys() and nl2.variant == "nl2"
+    assert all(
+        torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k]
+        for k, v in nl2.global_state.items()
+    )

@@ -24,6 +24,11 @@ Compiled ops (``csrc/``, registered as ``torch.ops.torch_rankone.*``): ``lowrank
 float32/float64 tensors on one CPU or CUDA device, ``1 ≤ k ≤ 8``, when no input needs a gradient
 (under grad mode); everything else goes to the references. ``TORCH_RANKONE_DISABLE_EXT=1``
 forces the references.
+
+CUDA graphs: the compiled lowrank ops pass a per-call table of tensor pointers from pinned host
+memory, which a graph replay would read stale, so they refuse to run under stream capture
+(``RuntimeError``; the references, with ``TORCH_RANKONE_DISABLE_EXT=1``, have no such table).
+``gathered_outer_accumulate`` passes its pointers as kernel arguments and may be captured.
 """
 
 from __future__ import annotations
@@ -108,6 +113,36 @@ def _use_op(tensors: Iterable[Tensor]) -> bool:
     return dtype in _OP_DTYPES and built_for
 
 
+def _check_not_capturing(device: torch.device, op: str) -> None:
+    """Refuse a compiled lowrank op on a CUDA stream that is being captured into a CUDA graph.
+
+    The op copies a table of tensor pointers from pinned host memory on every call; a graph would
+    record that copy from a buffer the host allocator reuses, and replay stale pointers. The C++
+    op checks too; this raises before any argument is converted.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"torch_rankone.{op}: the compiled CUDA op cannot be captured in a CUDA graph (it "
+            "passes a per-call table of tensor pointers from pinned host memory, which a replay "
+            "would read stale); call it outside the capture, or set TORCH_RANKONE_DISABLE_EXT=1 "
+            "to use the pure-PyTorch references"
+        )
+
+
+def _tensor_on(x, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x`` (a number, a sequence or a tensor) as a ``dtype`` tensor on ``device``, without a
+    blocking copy: ``torch.as_tensor(0.5, device="cuda")`` copies from the host and waits for the
+    GPU (a host synchronisation). A number is written by a fill on the device; host data is
+    copied with ``non_blocking=True``, which returns once pageable memory is staged (safe), except
+    from pinned memory, which the caller could change before the copy ran."""
+    if isinstance(x, (bool, int, float)):
+        return torch.full((), x, dtype=dtype, device=device)
+    x = x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=dtype)
+    if x.device.type != "cpu" or torch.device(device).type == "cpu":
+        return x.to(device=device, dtype=dtype)
+    return x.to(device=device, dtype=dtype, non_blocking=not x.is_pinned())
+
+
 def _scalar(x: float | Tensor) -> Tensor:
     """``c`` or ``lr`` as the 0-d tensor the ops take. A tensor is passed as it is: on the CPU the
     op reads it on the host, on the device the kernels read it (no host synchronisation)."""
@@ -127,6 +162,9 @@ def lowrank_gram(g: Sequence[Tensor], U: Sequence[Sequence[Tensor]]) -> tuple[Te
     rounding only matters where Woodbury itself is unstable, ``N ≤ k``, which
     ``linalg.lowrank_solve`` solves densely instead.
     """
+    if not len(g):  # no tensors at all: empty sums (the solve still decides ``applied``)
+        k = len(U)
+        return torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     G = gram(U, dtype=torch.float64)
     b = torch.stack([dot(u, g, dtype=torch.float64) for u in U])
     return G, b
@@ -137,8 +175,8 @@ def lowrank_coefficients(G: Tensor, b: Tensor, C: Tensor, c: float | Tensor) -> 
 
     NaN everywhere when the system is singular or any input is non-finite; no host sync.
     """
-    C64 = torch.as_tensor(C, dtype=torch.float64).to(G.device)
-    c64 = torch.as_tensor(c, dtype=torch.float64, device=G.device)
+    C64 = _tensor_on(C, torch.float64, G.device)
+    c64 = _tensor_on(c, torch.float64, G.device)
     M = c64 * torch.eye(G.shape[0], dtype=torch.float64, device=G.device) + C64 @ G
     rhs = C64 @ b
     a, info = torch.linalg.solve_ex(M, rhs)
@@ -150,7 +188,7 @@ def _apply(g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], a: Tensor, c) -> 
     """``y = (g − U a) / c`` (pass 2)."""
     y = torch._foreach_sub(list(g), combine(a, U))
     # dtype given up front: as_tensor(0.7) alone would round c to float32 first
-    return torch._foreach_div(y, torch.as_tensor(c, dtype=g[0].dtype, device=g[0].device))
+    return torch._foreach_div(y, _tensor_on(c, g[0].dtype, g[0].device))
 
 
 def lowrank_solve_reference(
@@ -178,13 +216,11 @@ def lowrank_solve_update_reference(
     G, b = lowrank_gram(g, U)
     a = lowrank_coefficients(G, b, C, c)
     device = params[0].device if params else a.device
-    scale = torch.as_tensor(lr, dtype=torch.float64, device=device) / torch.as_tensor(
-        c, dtype=torch.float64, device=device
-    )
+    scale = _tensor_on(lr, torch.float64, device) / _tensor_on(c, torch.float64, device)
     applied = torch.isfinite(a).all().to(device) & torch.isfinite(scale)
     if params:
         y = _apply(g, U, a, c)
-        lr_t = torch.as_tensor(lr, dtype=params[0].dtype, device=device)
+        lr_t = _tensor_on(lr, params[0].dtype, device)
         for p, yp in zip(params, y):
             p.sub_(torch.where(applied, yp * lr_t, 0.0))
     return applied
@@ -198,6 +234,7 @@ def lowrank_solve(
     The compiled op when it applies (see the module docstring), else the reference.
     """
     if _use_op(chain(g, *U)) and 1 <= len(U) <= MAX_RANK:
+        _check_not_capturing(g[0].device, "lowrank_solve")
         flat_u = [t for u in U for t in u]
         C = torch.as_tensor(C, dtype=torch.float64)
         return list(torch.ops.torch_rankone.lowrank_solve(list(g), flat_u, C, _scalar(c)))
@@ -219,6 +256,7 @@ def lowrank_solve_update(
     they were. Returns that outcome as a 0-d bool tensor on the parameters' device, no sync.
     """
     if _use_op(chain(params, g, *U)) and 1 <= len(U) <= MAX_RANK:
+        _check_not_capturing(g[0].device, "lowrank_solve_update")
         flat_u = [t for u in U for t in u]
         C = torch.as_tensor(C, dtype=torch.float64)
         return torch.ops.torch_rankone.lowrank_solve_update(
@@ -238,17 +276,47 @@ def gathered_outer_accumulate_reference(H: Tensor, A: Tensor, idx: Tensor, coef:
     return H.addmm_(rows.T * coef, rows)
 
 
+def _check_index_range(idx: Tensor, rows: int) -> None:
+    """``IndexError`` unless every index lies in ``[0, rows)`` (the CPU op's check and message).
+
+    Free for indices on the host; for indices on a GPU it reads two numbers back (a host sync).
+    """
+    if idx.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= rows:
+        raise IndexError(
+            f"torch_rankone.gathered_outer_accumulate: idx must lie in [0, {rows}) (the rows of "
+            f"A), got values in [{lo}, {hi}]"
+        )
+
+
 def gathered_outer_accumulate(
-    H: Tensor, A: Tensor, idx: Tensor | Sequence[int], coef: Tensor | Sequence[float] | float
+    H: Tensor,
+    A: Tensor,
+    idx: Tensor | Sequence[int],
+    coef: Tensor | Sequence[float] | float,
+    *,
+    check_indices: bool | None = None,
 ) -> Tensor:
     """In place: ``H += Σ_t coef_t · A[idx_t] A[idx_t]ᵀ``; returns ``H``.
 
     ``H`` is ``d×d``, ``A`` is ``n×d``, ``idx`` holds row indices into ``A`` (repeats add up; an
     empty ``idx`` changes nothing) and ``coef`` one weight per index, or one for all. The compiled
     op never builds ``A[idx]`` and exploits the update's symmetry; it needs a contiguous ``H``.
+
+    An index outside ``[0, n)`` raises ``IndexError`` before anything runs, on every device, when
+    the check is free: ``idx`` given as a sequence or a CPU tensor (checked before it is copied to
+    ``H``'s device; pass indices that way on hot paths). Indices already on a GPU are checked only
+    with ``check_indices=True``, which costs a host synchronisation; unchecked, an index out of
+    range trips a device-side assert in the CUDA kernel (the CUDA context is then unusable).
+    ``check_indices=False`` skips the check everywhere (the CPU op still checks).
     """
-    idx = torch.as_tensor(idx, dtype=torch.long, device=H.device)
-    coef = torch.as_tensor(coef, dtype=H.dtype, device=H.device)
+    idx = torch.as_tensor(idx, dtype=torch.long)  # a tensor stays on its device
+    if check_indices or (check_indices is None and idx.device.type == "cpu"):
+        _check_index_range(idx, A.shape[0])
+    idx = _tensor_on(idx, torch.long, H.device)
+    coef = _tensor_on(coef, H.dtype, H.device)
     if coef.dim() == 0:
         coef = coef.expand(idx.shape)
     if _use_op((H, A, coef)) and H.is_contiguous():

@@ -144,9 +144,10 @@ def _shard_slices(like: Tensor) -> tuple[slice, ...]:
 def shard_of(full: Tensor, like: Tensor) -> Tensor:
     """``full`` (shaped like the global ``like``) as ``like`` holds it: on ``like``'s device,
     and cut to this rank's shard when ``like`` is a ``DTensor`` (a view, no communication)."""
+    # non_blocking: a fresh host tensor, so the copy need not wait for the device
     if hasattr(like, "device_mesh"):
-        return full[_shard_slices(like)].to(local(like).device)
-    return full.to(like.device)
+        return full[_shard_slices(like)].to(local(like).device, non_blocking=True)
+    return full.to(like.device, non_blocking=True)
 
 
 def embed_shard(piece: Tensor, like: Tensor) -> Tensor:

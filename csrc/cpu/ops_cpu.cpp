@@ -55,7 +55,7 @@ bool run_lowrank(const LowrankProblem& prob, bool in_place) {
   double coefs[kMaxRank + 1];
   woodbury_coefficients(k, sums, prob.C, prob.c, coefs);
   coefs[k] = output_scale(in_place, prob.c, prob.lr);
-  const bool solved = is_finite(coefs[0]) && is_finite(coefs[k]);  // all a_j NaN on failure
+  const bool solved = update_applies(k, coefs);  // all a_j NaN on failure
   if (in_place && !solved) return false;
 
   at::parallel_for(0, nchunks, grain, [&](int64_t first, int64_t last) {

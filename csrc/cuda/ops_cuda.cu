@@ -1,7 +1,8 @@
-// CUDA implementations of the torch_rankone ops (SPEC §5). Nothing here synchronises with the
-// host: tensor metadata goes to the device by an asynchronous copy from pinned memory, the k×k
-// solve runs on the device, and c, lr and C are read by the kernels (device tensors) or passed
-// as kernel arguments (CPU tensors, read on the host for free).
+// CUDA implementations of the torch_rankone ops. Nothing here synchronises with the host:
+// tensor metadata goes to the device by an asynchronous copy from pinned memory, the k×k solve
+// runs on the device, and c, lr and C are read by the kernels (device tensors) or passed as
+// kernel arguments (CPU tensors, read on the host for free). Because of that per-call pinned
+// table, the lowrank ops refuse to run under CUDA-graph capture (check_not_capturing).
 //
 // Only ATen core and c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in
 // cuBLAS/cuSPARSE headers): the file then compiles against any CUDA toolkit with nvcc, which is
@@ -52,9 +53,22 @@ __device__ double block_sum(double v, double* scratch) {
   return total;
 }
 
+// Blocks of pass 1 that must fit on one SM together: the minBlocks of its __launch_bounds__,
+// which caps the registers per thread at 65536 / (kThreads · blocks), 128 for two blocks. The
+// k(k+1)/2 + k double accumulators live in registers: up to k = 7 the kernel needs at most 128
+// (two or more blocks per SM without a cap), at k = 8 about 140, which would leave one block
+// (8 warps) per SM, too few loads in flight for a bandwidth-bound pass; capped at 128 it spills
+// 32-40 bytes per thread to local memory (L1) instead (ptxas -v, sm_90, CUDA 13). Smaller k get
+// the number of blocks their natural register use already allows: a minBlocks below that lets
+// ptxas unroll more and use *more* registers (k = 1 went from 30 to 84), lowering occupancy.
+constexpr int gram_min_blocks(int k) {
+  constexpr int blocks[kMaxRank] = {8, 5, 4, 4, 2, 2, 2, 2};
+  return blocks[k - 1];
+}
+
 // Pass 1: one block per chunk; partials[s * nchunks + chunk] = sum s of the chunk.
 template <int K, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, gram_min_blocks(K))
     gram_kernel(const TensorRec* tensors, const Chunk* chunks, int64_t nchunks,
                 double* partials) {
   constexpr int S = num_sums(K);
@@ -86,8 +100,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Between the passes, one block: the sums over chunks (in a fixed order), the k×k solve, and
-// coefs = [a_0 .. a_{K-1}, scale].
+// Between the passes, one block: the sums over chunks (in a fixed order; none when every tensor
+// is empty), the k×k solve, and coefs = [a_0 .. a_{K-1}, scale, applies]: applies is 1 when the
+// in-place pass 2 runs (update_applies: every a_j and the scale finite, exactly the CPU test),
+// else 0. Pass 2 and the op's `applied` result both read that one entry.
 template <int K>
 __global__ void __launch_bounds__(kThreads)
     solve_kernel(const double* partials, int64_t nchunks, SmallMatrix C_host, const double* C_dev,
@@ -105,11 +121,13 @@ __global__ void __launch_bounds__(kThreads)
     const double cv = c.value();
     woodbury_coefficients(K, sums, C_dev != nullptr ? C_dev : C_host.v, cv, coefs);
     coefs[K] = output_scale(in_place, cv, in_place ? lr.value() : 0.0);
+    coefs[K + 1] = update_applies(K, coefs) ? 1.0 : 0.0;
   }
 }
 
 // Pass 2: out = p + scale·(g − U a) in place, or scale·(g − U a); in double, rounded once. In
-// place it writes nothing when the solve failed (NaN coefficients) or scale = −lr/c is not finite.
+// place it writes nothing when solve_kernel cleared `applies` (the solve failed, giving NaN
+// coefficients, or scale = −lr/c is not finite).
 template <int K, bool InPlace, typename T>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const TensorRec* tensors, const Chunk* chunks, const double* coefs) {
@@ -119,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < K; ++j) a[j] = coefs[j];
   const double scale = coefs[K];
-  if (InPlace && !(is_finite(a[0]) && is_finite(scale))) return;
+  if (InPlace && coefs[K + 1] == 0.0) return;
   const T* g = static_cast<const T*>(r.g);
   T* out = static_cast<T*>(r.out);
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
@@ -150,29 +168,50 @@ ScalarArg scalar_arg(double host, const at::Tensor& dev) {
   return {dev.defined() ? dev.const_data_ptr<double>() : nullptr, host};
 }
 
-// Returns the device buffer [a_0 .. a_{k-1}, scale] (undefined when there is nothing to do).
+// The lowrank ops copy a per-call table of tensor pointers from pinned host memory to the device.
+// A CUDA graph would record that copy with the pinned buffer's address, which the caching host
+// allocator hands to later calls: a replay would read whatever pointers are there by then. So
+// the ops refuse to run under stream capture (cudaStreamIsCapturing is the query CUDA allows
+// during a capture; it does not synchronise).
+void check_not_capturing(const char* op, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, op,
+              ": cannot be captured in a CUDA graph (it passes a per-call table of tensor "
+              "pointers from pinned host memory, which a replay would read stale); run it outside "
+              "the capture, or set TORCH_RANKONE_DISABLE_EXT=1 to use the pure-PyTorch references");
+}
+
+// Returns the device buffer [a_0 .. a_{k-1}, scale, applies] (see solve_kernel). The k×k solve
+// always runs, also when every tensor is empty (no chunks: G = 0, b = 0), so that a non-finite
+// c or lr vetoes the update exactly as on the CPU.
 at::Tensor run_lowrank(const LowrankProblem& prob, bool in_place) {
   const auto n = static_cast<int64_t>(prob.tensors.size());
   const auto nchunks = static_cast<int64_t>(prob.chunks.size());
-  if (nchunks == 0) return at::Tensor();
   const c10::cuda::CUDAGuard guard(prob.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   // Records and chunks, copied to the device asynchronously from pinned memory (the caching
-  // host allocator keeps the buffer alive until the copy has run).
-  const int64_t rec_bytes = n * static_cast<int64_t>(sizeof(TensorRec));
-  const int64_t bytes = rec_bytes + nchunks * static_cast<int64_t>(sizeof(Chunk));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr(), prob.tensors.data(), rec_bytes);
-  std::memcpy(static_cast<char*>(host.mutable_data_ptr()) + rec_bytes, prob.chunks.data(),
-              bytes - rec_bytes);
-  const at::Tensor meta = host.to(prob.device, at::kByte, /*non_blocking=*/true);
-  const auto* tensors = reinterpret_cast<const TensorRec*>(meta.const_data_ptr<uint8_t>());
-  const auto* chunks = reinterpret_cast<const Chunk*>(meta.const_data_ptr<uint8_t>() + rec_bytes);
+  // host allocator keeps the buffer alive until the copy has run). None without chunks.
+  const TensorRec* tensors = nullptr;
+  const Chunk* chunks = nullptr;
+  at::Tensor meta;
+  if (nchunks > 0) {
+    const int64_t rec_bytes = n * static_cast<int64_t>(sizeof(TensorRec));
+    const int64_t bytes = rec_bytes + nchunks * static_cast<int64_t>(sizeof(Chunk));
+    at::Tensor host =
+        at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.mutable_data_ptr(), prob.tensors.data(), rec_bytes);
+    std::memcpy(static_cast<char*>(host.mutable_data_ptr()) + rec_bytes, prob.chunks.data(),
+                bytes - rec_bytes);
+    meta = host.to(prob.device, at::kByte, /*non_blocking=*/true);
+    tensors = reinterpret_cast<const TensorRec*>(meta.const_data_ptr<uint8_t>());
+    chunks = reinterpret_cast<const Chunk*>(meta.const_data_ptr<uint8_t>() + rec_bytes);
+  }
 
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(prob.device);
   at::Tensor partials = at::empty({num_sums(prob.k) * nchunks}, f64);
-  at::Tensor coefs = at::empty({prob.k + 1}, f64);
+  at::Tensor coefs = at::empty({prob.k + 2}, f64);
   SmallMatrix C_host;
   std::memcpy(C_host.v, prob.C, sizeof(C_host.v));
   const double* C_dev = prob.C_dev.defined() ? prob.C_dev.const_data_ptr<double>() : nullptr;
@@ -180,13 +219,16 @@ at::Tensor run_lowrank(const LowrankProblem& prob, bool in_place) {
   AT_DISPATCH_FLOATING_TYPES(prob.dtype, "torch_rankone.lowrank", [&] {
     dispatch_rank(prob.k, [&](auto rank) {
       constexpr int K = decltype(rank)::value;
-      gram_kernel<K, scalar_t><<<nchunks, kThreads, 0, stream>>>(tensors, chunks, nchunks,
-                                                                  partials.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (nchunks > 0) {
+        gram_kernel<K, scalar_t><<<nchunks, kThreads, 0, stream>>>(
+            tensors, chunks, nchunks, partials.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       solve_kernel<K><<<1, kThreads, 0, stream>>>(
           partials.const_data_ptr<double>(), nchunks, C_host, C_dev, scalar_arg(prob.c, prob.c_dev),
           scalar_arg(prob.lr, prob.lr_dev), in_place, coefs.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (nchunks == 0) return;
       if (in_place) {
         apply_kernel<K, true, scalar_t>
             <<<nchunks, kThreads, 0, stream>>>(tensors, chunks, coefs.const_data_ptr<double>());
@@ -202,30 +244,37 @@ at::Tensor run_lowrank(const LowrankProblem& prob, bool in_place) {
 
 std::vector<at::Tensor> lowrank_solve(at::TensorList g, at::TensorList U, const at::Tensor& C,
                                       const at::Tensor& c) {
-  LowrankProblem prob = check_lowrank("torch_rankone.lowrank_solve", c10::kCUDA, {}, g, U, C, c,
-                                      at::Tensor(), kChunk);
+  constexpr const char* op = "torch_rankone.lowrank_solve";
+  LowrankProblem prob = check_lowrank(op, c10::kCUDA, {}, g, U, C, c, at::Tensor(), kChunk);
+  const c10::cuda::CUDAGuard guard(prob.device);
+  check_not_capturing(op, c10::cuda::getCurrentCUDAStream());
   std::vector<at::Tensor> y = bind_outputs(prob, {}, g);
-  run_lowrank(prob, /*in_place=*/false);
+  if (!prob.chunks.empty()) run_lowrank(prob, /*in_place=*/false);  // else nothing to write
   return y;
 }
 
 at::Tensor lowrank_solve_update(at::TensorList params, at::TensorList g, at::TensorList U,
                                 const at::Tensor& C, const at::Tensor& c, const at::Tensor& lr) {
-  LowrankProblem prob = check_lowrank("torch_rankone.lowrank_solve_update", c10::kCUDA, params,
-                                      g, U, C, c, lr, kChunk);
+  constexpr const char* op = "torch_rankone.lowrank_solve_update";
+  LowrankProblem prob = check_lowrank(op, c10::kCUDA, params, g, U, C, c, lr, kChunk);
+  const c10::cuda::CUDAGuard guard(prob.device);
+  check_not_capturing(op, c10::cuda::getCurrentCUDAStream());
   const std::vector<at::Tensor> outs = bind_outputs(prob, params, g);
   const at::Tensor coefs = run_lowrank(prob, /*in_place=*/true);
   finish_update(params, outs);
-  // Whether pass 2 ran, computed on the device (no host synchronisation).
-  if (!coefs.defined()) return at::ones({}, params[0].options().dtype(at::kBool));
-  return at::isfinite(coefs.narrow(0, 0, 1).add(coefs.narrow(0, prob.k, 1))).squeeze(0);
+  // Whether pass 2 ran: the flag it tested, on the device (no host synchronisation).
+  return coefs.select(0, prob.k + 1).ne(0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
 // gathered_outer_accumulate: one block per kOuterTile² tile of H on or above the diagonal. The
 // tile's column slices of kOuterDepth gathered rows at a time go to shared memory (one side
 // scaled by coef), each thread accumulates a 4×4 register block; the tile is added to H once
-// and, off the diagonal, mirrored below it. Index range is checked on the device.
+// and, off the diagonal, mirrored below it. The index range is not checked before the launch (on
+// device memory that would need a host synchronisation): torch_rankone._ext checks indices that
+// are still on the host before copying them, and device-resident ones with check_indices=True.
+// An index out of range that reaches the kernel trips CUDA_KERNEL_ASSERT (a device-side assert,
+// after which the CUDA context is unusable), never a silent out-of-bounds read.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kOuterTile = 64;

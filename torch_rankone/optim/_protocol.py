@@ -691,8 +691,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             g_params = locals_(g_params)
             lr = group["lr"]  # a number (or a tensor) multiplies without a copy to the device
             decay = group.get("weight_decay", 0.0)
-            if decay:
-                torch._foreach_mul_(g_params, torch.where(ok, 1 - lr * decay, 1.0))
+            if decay:  # 1 − lr·wd where ok, else 1, in the parameters' dtype
+                torch._foreach_mul_(g_params, 1 - ok.to(g_params[0].dtype) * (lr * decay))
             for p, yp in zip(g_params, y):
                 p.sub_(torch.where(ok, yp * lr, 0.0))
         self._count_step(ok)

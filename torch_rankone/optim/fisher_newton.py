@@ -679,7 +679,10 @@ class FisherNewton(SecondOrderOptimizer):
                 pred = outputs.reshape(outputs.shape[0], -1)
                 losses = 0.5 * (pred - targets.reshape(pred.shape)).pow(2).sum(1)
                 noise = torch.randn(
-                    pred.shape, generator=self.generator, dtype=pred.dtype, device=self.generator.device
+                    pred.shape,
+                    generator=self.generator,
+                    dtype=pred.dtype,
+                    device=self.generator.device,
                 )
                 model_losses = 0.5 * (pred - (pred.detach() + noise.to(pred.device))).pow(2).sum(1)
         return losses, model_losses

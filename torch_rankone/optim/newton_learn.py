@@ -494,16 +494,25 @@ class NewtonLearn(torch.optim.Optimizer):
         m = rows // nodes
         self.local_nodes, self.m, self.d = nodes, m, d
         self.num_nodes = nodes * self.transport.world_size
-        self.variant, self.option, self.accounting = variant, option, accounting
-        self.compressor, self.loss, self.solver = compressor, phi, solver
+        self.compressor, self.loss = compressor, phi
         if accounting == "paper":
             acc.paper_r(compressor, m)  # refuses compressors the authors' count does not cover
-        self.eta = 1.0 / (compressor.omega(m) + 1.0) if eta is None else _check_positive("eta", eta)
-        self.gamma = None
-        if variant != "nl1":
-            if gamma is None and phi.gamma is None:
-                raise ValueError("gamma (>= sup|phi''|) is needed for a custom loss with nl2/cnl")
-            self.gamma = _check_positive("gamma", phi.gamma if gamma is None else gamma)
+        if variant != "nl1" and gamma is None and phi.gamma is None:
+            raise ValueError("gamma (>= sup|phi''|) is needed for a custom loss with nl2/cnl")
+        # the options live in the param group (repr, state_dict and checkpoints see them)
+        options = dict(
+            variant=variant,
+            option=option,
+            accounting=accounting,
+            solver=solver,
+            eta=1.0 / (compressor.omega(m) + 1.0) if eta is None else _check_positive("eta", eta),
+            gamma=None
+            if variant == "nl1"
+            else _check_positive("gamma", phi.gamma if gamma is None else gamma),
+            cubic_reg=None,
+        )
+        self.defaults.update(options)
+        self.param_groups[0].update(options)
         self.solve_dtype = solve_dtype or (
             torch.float64 if d <= MAX_FLOAT64_SOLVE else features.dtype
         )
@@ -528,14 +537,14 @@ class NewtonLearn(torch.optim.Optimizer):
         with torch.no_grad():
             p.copy_(self.transport.broadcast_from_server(p.detach()))
         self._shard, self._targets = _Shard(features), targets
-        self.cubic_reg = None
         if variant == "cnl":
             if cubic_reg is None:
                 if phi.nu is None:
                     raise ValueError("cubic_reg (M) is needed for a custom loss with cnl")
                 R = self.transport.max_everywhere(features.norm(dim=1).amax().to(torch.float64))
                 cubic_reg = phi.nu * float(R) ** 3
-            self.cubic_reg = _check_positive("cubic_reg", cubic_reg, strict=False)
+            cubic_reg = _check_positive("cubic_reg", cubic_reg, strict=False)
+            self.defaults["cubic_reg"] = self.param_groups[0]["cubic_reg"] = cubic_reg
         self._initialise(p, h0)
 
     # ---- initialisation --------------------------------------------------------------------
@@ -583,6 +592,17 @@ class NewtonLearn(torch.optim.Optimizer):
     def _lam(self) -> float:
         return self.param_groups[0]["lam"]
 
+    variant = property(lambda self: self.param_groups[0]["variant"], doc="``nl1 | nl2 | cnl``")
+    option = property(lambda self: self.param_groups[0]["option"], doc="Option 1 or 2")
+    accounting = property(lambda self: self.param_groups[0]["accounting"], doc="bit count")
+    solver = property(lambda self: self.param_groups[0]["solver"], doc="the server's solve")
+    eta = property(lambda self: self.param_groups[0]["eta"], doc="learning rate of ``h``")
+    gamma = property(lambda self: self.param_groups[0]["gamma"], doc="``γ`` (NL2, CNL)")
+    cubic_reg = property(lambda self: self.param_groups[0]["cubic_reg"], doc="``M`` (CNL)")
+
+    #: options a checkpoint must share with the optimizer it is loaded into (the state's layout)
+    _STRUCTURAL = ("variant", "option", "solver")
+
     @property
     def _param(self) -> Tensor:
         return self.param_groups[0]["params"][0]
@@ -623,7 +643,18 @@ class NewtonLearn(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_group = state_dict["param_groups"][0]
+        for key in self._STRUCTURAL:
+            if key in saved_group and saved_group[key] != self.param_groups[0][key]:
+                raise ValueError(
+                    f"NewtonLearn.load_state_dict: the checkpoint has {key}="
+                    f"{saved_group[key]!r}, this optimizer {self.param_groups[0][key]!r}; build "
+                    "the optimizer with the checkpoint's options (nothing was changed)"
+                )
+        current = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         super().load_state_dict(state_dict)
+        for key, value in current.items():  # version 0.1 saved only lam
+            self.param_groups[0].setdefault(key, value)
         # the base class casts floating state to the parameter's dtype; the d×d matrices are
         # float64 on purpose and must come back exactly (on the parameter's device)
         (saved,) = state_dict["state"].values()
@@ -746,7 +777,7 @@ class NewtonLearn(torch.optim.Optimizer):
         coef = coef.to(M.dtype)
         if rows.dtype != M.dtype:  # e.g. float32 features, float64 algebra
             rows, idx = rows.index_select(0, idx).to(M.dtype), torch.arange(idx.numel())
-        _ext.gathered_outer_accumulate(M, rows, idx.to(M.device), coef)
+        _ext.gathered_outer_accumulate(M, rows, idx, coef)  # checks a host idx for free
         if self.solver != "cholesky_update":
             return
         chol = state["chol"]

@@ -481,7 +481,9 @@ class RankOneNewton(SecondOrderOptimizer):
                     (group["delta"], group["damping"]),
                     (group["delta"] + group["damping"] * scale).to(device, dtype)
                     if scale is not None
-                    else torch.full((), group["delta"] + group["damping"], dtype=dtype, device=device),
+                    else torch.full(
+                        (), group["delta"] + group["damping"], dtype=dtype, device=device
+                    ),
                 )
                 for group in self.param_groups
             ]

@@ -109,7 +109,7 @@ def smoothness(nodes: GLMNodes, lam: float) -> tuple[float, float]:
 def paper_message_bits(compressor: Compressor, dim: int) -> float:
     """One compressed ``dim``-vector in the paper's count (§4, "Compression operators"):
     ``32r + log2 C(dim, r)`` for random-r sparsification, ``2.8·dim + 32`` for random dithering
-    with ``s = √dim`` (QSGD's Elias code, which the seed quotes), ``9·dim`` for natural
+    with ``s = √dim`` (QSGD's Elias code, as the paper counts it), ``9·dim`` for natural
     compression; the compressor's own ``bits`` otherwise."""
     if isinstance(compressor, RandomDithering):
         return 2.8 * dim + acc.FLOAT_BITS
@@ -200,6 +200,16 @@ class GLMBaseline(torch.optim.Optimizer):
     @property
     def _param(self) -> Tensor:
         return self.param_groups[0]["params"][0]
+
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """The optimizer's state (``x`` is its only parameter): ``"step"``, ``"bits_sent"``, and
+        the method's vectors."""
+        return self.state[self._param]
+
+    def counters(self) -> dict[str, int]:
+        """``{"step": iterations}`` as a host int (NewtonLearn's accessor, for the baselines)."""
+        return {"step": int(self.global_state["step"])}
 
     @property
     def _lam(self) -> float:

@@ -157,7 +157,7 @@ class DCGD(_CompressedGradient):
     Args:
         params, features, targets, loss, lam, num_nodes, accounting: As
             :class:`~torch_rankone.distributed.baselines.DistributedNewton`.
-        compressor: Unbiased gradient compressor (the seed: ``RandK(d // 4)``,
+        compressor: Unbiased gradient compressor (the paper's: ``RandK(d // 4)``,
             ``RandomDithering(round(√d))``, ``NaturalCompression()``).
         lr: ``γ``; default the theoretical value above.
         generator: Source of the compressors' randomness.
@@ -325,7 +325,10 @@ class ADIANA(_CompressedGradient):
         shifts.add_(delta_w, alpha=c.alpha)
         y_new = x - c.eta * g
         state["z"] = c.beta * z + (1.0 - c.beta) * x + (c.gamma / c.eta) * (y_new - x)
-        if float(torch.rand((), generator=self.generator, dtype=torch.float64)) < c.p:
-            state["w"] = y.clone()
+        # The coin is drawn on the generator's device (a CUDA generator cannot draw on the CPU)
+        # and applied without reading it back to the host.
+        gen = self.generator
+        coin = torch.rand((), generator=gen, dtype=torch.float64, device=gen.device)
+        state["w"] = torch.where(coin.to(y.device) < c.p, y, w)
         bits = {key: bits_x[key] + bits_w[key] for key in bits_x}
         return y_new, nodes.value(y, lam=lam), bits
