@@ -4,10 +4,13 @@ protocol behaviour."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from _optim_problems import F64, MLPProblem, PaperNeumannIHVP
+
+from torch_rankone import NeumannIHVP
 
 
 def _dense(prob, K, s, lam, lr):
@@ -75,6 +78,22 @@ def test_estimated_scale_refreshes_on_schedule():
     assert float(opt.global_state["scale"]) != s1  # refreshed on call 2 (new point)
 
 
+def test_a_given_scale_below_lambda_max_converges_through_the_safe_fallback():
+    """A user's ``scale`` far below ``λ_max`` (every step diverges): the fallback step is bounded
+    by the Rayleigh quotients the series saw, so ``5x₀² + x₁²`` still goes to 0 (it reached
+    5e76 in 60 steps with ``g/s``), and the user is told at the first sync point."""
+    x = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
+    opt = NeumannIHVP([x], damping_mode="fixed", scale=0.5)
+    with pytest.warns(RuntimeWarning, match="with a given scale, raise it"):
+        for _ in range(2):
+            opt.step(lambda: 5 * x[0] ** 2 + x[1] ** 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(58):
+            opt.step(lambda: 5 * x[0] ** 2 + x[1] ** 2)
+    assert float(x.detach().abs().max()) < 1e-6 and opt.counters()["skipped_steps"] == 0
+
+
 def test_divergence_falls_back_to_damped_gradient_step_and_warns():
     prob = MLPProblem()
     H, g = prob.hessian(prob.x0), prob.grad(prob.x0)
@@ -83,7 +102,12 @@ def test_divergence_falls_back_to_damped_gradient_step_and_warns():
     opt.step(prob.loss_closure())
     x1 = prob.flat()
     assert torch.isfinite(x1).all()
-    assert torch.allclose(x1, prob.x0 - g / s, rtol=1e-12)  # the fallback step
+    # the fallback step g/s' along g, with s' = s·r for the largest Rayleigh quotient r seen:
+    # s < s' ≤ λ_max (the quotient proves λ_max ≥ r·s), so it is no longer than 1/(0.3 λ_max)
+    step = prob.x0 - x1
+    s_used = float(g.dot(g) / g.dot(step))
+    assert torch.allclose(step, g / s_used, rtol=1e-10)
+    assert s < s_used <= s / 0.3 * (1 + 1e-9)
     assert (
         int(opt.global_state["neumann_fallbacks"]) == 1
         and int(opt.global_state["skipped_steps"]) == 0

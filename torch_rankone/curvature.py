@@ -202,6 +202,7 @@ def power_iteration(
     init: Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    raise_nonfinite: bool = True,
 ) -> PowerIterationResult:
     """Largest-magnitude eigenpair of the symmetric operator ``hvp_fn`` by power iteration.
 
@@ -218,6 +219,8 @@ def power_iteration(
         init: starting vector (default: Gaussian from ``generator``).
         generator: random source for the default start.
         warn: emit a ``RuntimeWarning`` when ``max_iters`` is reached before ``tol``.
+        raise_nonfinite: raise ``FloatingPointError`` when the HVP returns non-finite values;
+            ``False`` returns a NaN eigenvalue instead (the optimizers then skip the step).
     """
     if max_iters < 1:
         raise ValueError(f"power_iteration: max_iters must be >= 1, got {max_iters}")
@@ -230,7 +233,9 @@ def power_iteration(
         hv = hvp_fn(v)
         hv_norm = norm(hv)
         if not torch.isfinite(hv_norm):
-            raise FloatingPointError("power_iteration: the HVP returned non-finite values")
+            if raise_nonfinite:
+                raise FloatingPointError("power_iteration: the HVP returned non-finite values")
+            return PowerIterationResult(torch.full_like(hv_norm, math.nan), v, it, math.inf, False)
         lam = dot(v, hv)
         if hv_norm == 0:  # v is in the null space; for a zero operator 0 is the answer
             return PowerIterationResult(lam, v, it, 0.0, True)

@@ -80,21 +80,21 @@ class Evaluation(NamedTuple):
     grads: TensorList
     hvp_fn: Callable[[TensorList], TensorList] | None
     source: str  # "graph" | "loss_closure" | "backward_closure"
+    no_grad: tuple[bool, ...] = ()  # per parameter: it got no gradient (left alone by the step)
 
 
-def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Any, int] | None]:
+def grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Any, int] | None]:
     """A weak reference to each ``.grad`` and its version counter: one of them changes iff a
     backward wrote it (an ``id`` alone could be reused by a new gradient once the old one is
     freed by ``zero_grad``)."""
     return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
 
 
-def _grads_written(params: Sequence[Tensor], before: list[tuple[Any, int] | None]) -> bool:
+def grads_written(params: Sequence[Tensor], before: list[tuple[Any, int] | None]) -> bool:
     for p, snap in zip(params, before):
-        if snap is None:
-            if p.grad is not None:
-                return True
-        elif snap[0]() is not p.grad or p.grad._version != snap[1]:
+        if p.grad is None:  # none, or set to None by zero_grad: nothing written
+            continue
+        if snap is None or snap[0]() is not p.grad or p.grad._version != snap[1]:
             return True
     return False
 
@@ -240,23 +240,29 @@ def evaluate(
                 + _CONVENTIONS
             )
         hvp_fn = _exact_hvp_fn(grads, params) if need_hvp else None
-        return Evaluation(None, [g.detach() for g in grads], hvp_fn, "graph")
+        return Evaluation(None, [g.detach() for g in grads], hvp_fn, "graph", _no_grad(params))
 
     if hvp_mode == "fd" and need_hvp:
         _refuse_half_fd(params)
-    before = _grad_snapshot(params)
+    before = grad_snapshot(params)
     rerun = _Rerun(module)
     with torch.enable_grad():
         loss = closure()
     rerun.first_call_done()
     if not isinstance(loss, Tensor):
         raise CurvatureError(f"the closure must return the loss as a tensor, got {type(loss)}")
-    backward_ran = _grads_written(params, before)
+    backward_ran = grads_written(params, before)
     graph = _graph_grads(params) if backward_ran else None
     if graph is not None and hvp_mode != "fd":  # the closure ran backward(create_graph=True)
         hvp_fn = _exact_hvp_fn(graph, params) if need_hvp else None
-        return Evaluation(loss.detach(), [g.detach() for g in graph], hvp_fn, "graph")
+        grads = [g.detach() for g in graph]
+        return Evaluation(loss.detach(), grads, hvp_fn, "graph", _no_grad(params))
     if backward_ran:
+        if any(p.grad is not None and p.grad.layout != torch.strided for p in params):
+            raise CurvatureError(
+                "sparse gradients (e.g. nn.Embedding(sparse=True)) are not supported: the "
+                "curvature solves need dense vectors; use sparse=False"
+            )
         if hvp_mode == "exact":
             raise CurvatureError(
                 "hvp='exact' cannot use a closure that calls backward() itself (gradients "
@@ -274,7 +280,7 @@ def evaluate(
 
         grads = _grad_copies(params)
         hvp_fn = _fd_hvp_fn(locals_(params), grad_at_point) if need_hvp else None
-        return Evaluation(loss.detach(), grads, hvp_fn, "backward_closure")
+        return Evaluation(loss.detach(), grads, hvp_fn, "backward_closure", _no_grad(params))
     if sharded:  # autograd.grad cannot reach FSDP2's sharded parameters (it returns None)
         raise CurvatureError(_SHARDED)
     if not loss.requires_grad:
@@ -294,13 +300,15 @@ def evaluate(
             with torch.enable_grad():
                 return rerun(lambda: _loss_grads(closure(), params, create_graph=False))
 
-        grads = _loss_grads(loss, params, create_graph=False)
+        raw = _loss_grads(loss, params, create_graph=False, fill=False)
         hvp_fn = _fd_hvp_fn(params, grad_at_point) if need_hvp else None
-        return Evaluation(loss.detach(), grads, hvp_fn, "loss_closure")
+        return Evaluation(loss.detach(), _filled(raw, params), hvp_fn, "loss_closure", _none(raw))
     with torch.enable_grad():
-        grads = _loss_grads(loss, params, create_graph=need_hvp)
+        raw = _loss_grads(loss, params, create_graph=need_hvp, fill=False)
+    grads = _filled(raw, params)
     hvp_fn = _exact_hvp_fn(grads, params) if need_hvp else None
-    return Evaluation(loss.detach(), [g.detach() for g in grads], hvp_fn, "loss_closure")
+    grads = [g.detach() for g in grads]
+    return Evaluation(loss.detach(), grads, hvp_fn, "loss_closure", _none(raw))
 
 
 def _grad_copies(params: Sequence[Tensor]) -> TensorList:
@@ -311,14 +319,31 @@ def _grad_copies(params: Sequence[Tensor]) -> TensorList:
     ]
 
 
-def _loss_grads(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool) -> TensorList:
+def _loss_grads(
+    loss: Tensor, params: Sequence[Tensor], *, create_graph: bool, fill: bool = True
+) -> list[Tensor | None]:
+    """``∇loss`` for every parameter: zeros (``fill``) or ``None`` where the loss does not
+    depend on it."""
     try:
         gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     except RuntimeError as exc:
         if create_graph and "compiled" in str(exc):
             raise CurvatureError(_COMPILED) from exc
         raise
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+    return _filled(gs, params) if fill else list(gs)
+
+
+def _filled(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> TensorList:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _none(grads: Sequence[Tensor | None]) -> tuple[bool, ...]:
+    return tuple(g is None for g in grads)
+
+
+def _no_grad(params: Sequence[Tensor]) -> tuple[bool, ...]:
+    """Which parameters got no ``.grad`` from the backward pass."""
+    return tuple(p.grad is None for p in params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,19 +421,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         grads_synced: bool | None = None,
     ) -> None:
         super().__init__(params, defaults)
-        for group in self.param_groups:  # what every group may set for itself
-            check_hyper("param group lr", group["lr"])
-            if "momentum" in group:
-                check_update_extras(group["weight_decay"], group["momentum"])
-        for key in defaults:
-            if key in self._per_group:
-                continue
-            values = {repr(g[key]) for g in self.param_groups}
-            if len(values) > 1:
-                raise ValueError(
-                    f"{type(self).__name__}: '{key}' must be the same for all parameter groups "
-                    f"(only {', '.join(self._per_group)} may differ), got {sorted(values)}"
-                )
+        for group in self.param_groups:
+            self._check_group(group)
         if grads_synced not in (None, True, False):
             raise TypeError(f"grads_synced must be None, True or False, got {grads_synced!r}")
         self._owns_generator = generator is None
@@ -472,10 +486,37 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.state = _ParamState(dict, self.state)
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one param group: what every group may set for itself, and the options that
+        must agree with the first group (only ``_per_group`` ones may differ). Subclasses add
+        their own checks. Run by ``__init__`` and by :meth:`add_param_group`."""
+        check_hyper("param group lr", group["lr"])
+        if "momentum" in group:
+            check_update_extras(group["weight_decay"], group["momentum"])
+        if any(p.is_complex() for p in group["params"]):
+            raise TypeError(
+                f"{type(self).__name__} does not support complex parameters (the curvature "
+                "models are real symmetric matrices); optimise torch.view_as_real(p) instead"
+            )
+        first = self.param_groups[0]
+        for key in self.defaults:
+            if key not in self._per_group and repr(group[key]) != repr(first[key]):
+                raise ValueError(
+                    f"{type(self).__name__}: '{key}' must be the same for all parameter groups "
+                    f"(only {', '.join(self._per_group)} may differ), got {first[key]!r} and "
+                    f"{group[key]!r}"
+                )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "generator"):  # not during __init__: it creates the state at its end
-            self._init_state()
+        if not hasattr(self, "generator"):  # during __init__, which checks and creates state
+            return
+        try:
+            self._check_group(self.param_groups[-1])
+        except (ValueError, TypeError):
+            self.param_groups.pop()  # refused: the optimizer is as it was
+            raise
+        self._init_state()
 
     def _state_to_param_devices(self) -> None:
         """Move state tensors to their parameter's device (a checkpoint loaded on another
@@ -496,6 +537,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         """Load a checkpoint of this optimizer: the format of this version, or of version 0.1
         (global state under string keys of ``state``), which is converted. Global entries keep
         their dtype and move to the parameters' device; missing options take the defaults."""
+        self._check_state_dict(state_dict)
         state_dict = _migrate_global_state(state_dict)
         first_index = _first_index(state_dict)
         super().load_state_dict(state_dict)
@@ -513,6 +555,68 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if gen_state is not None:
             self._restore_generator(gen_state.to("cpu", torch.uint8))
             self._seed_synced = True  # the loaded state is the same on every rank
+
+    #: options added after version 0.1: a checkpoint of that version may lack them
+    _options_since_0_2 = frozenset({"hvp", "lambda_max_refresh", "scale_refresh"})
+    #: per-parameter entries of version 0.1 that loading converts
+    _legacy_entries = frozenset({"sketches"})
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """Refuse, before anything changes, a state dict that is not this optimizer's: another
+        optimizer's options or state entries, other groups, or buffers of other shapes."""
+        name = type(self).__name__
+        if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys()):
+            raise ValueError(
+                f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the checkpoint has {len(groups)} param groups, this "
+                f"optimizer {len(self.param_groups)}"
+            )
+        ours = set(self.defaults)
+        for saved, group in zip(groups, self.param_groups):
+            keys = set(saved) - {"params", "param_names"}
+            # extra keys are fine (LR schedulers add "initial_lr"); missing options are not
+            missing = ours - keys - self._options_since_0_2
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: not a {name} checkpoint: its param group lacks "
+                    f"{sorted(missing)} (it has {sorted(keys)})"
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: a param group of the checkpoint has "
+                    f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])}"
+                )
+        state = state_dict["state"]
+        params = {
+            i: p
+            for saved, g in zip(groups, self.param_groups)
+            for i, p in zip(saved["params"], g["params"])
+        }
+        # the checkpoint's options are the ones loaded: they decide which buffers belong
+        group_of = {i: {**self.defaults, **saved} for saved in groups for i in saved["params"]}
+        optimizer_global = {"step_calls", "generator_state", "step", *self._health_counters}
+        optimizer_global |= set(self._global_floats)
+        for index, entry in state.items():
+            if index not in params:
+                continue  # version 0.1's global entries (string keys): converted on load
+            buffers = set(self._param_state_keys(group_of[index]))
+            unknown = set(entry) - buffers - optimizer_global - self._legacy_entries
+            if unknown:
+                raise ValueError(
+                    f"{name}.load_state_dict: the checkpoint's state has entries {name} does not "
+                    f"keep: {sorted(unknown)} (another optimizer's checkpoint?)"
+                )
+            for key in buffers & set(entry):
+                shape = tuple(getattr(entry[key], "shape", ()))
+                if shape != tuple(params[index].shape):
+                    raise ValueError(
+                        f"{name}.load_state_dict: state {key!r} of parameter {index!r} has shape "
+                        f"{shape}, the parameter {tuple(params[index].shape)}"
+                    )
 
     def _restore_generator(self, state: Tensor) -> None:
         """Set the generator's state; a checkpoint from another device kind (CPU and CUDA
@@ -644,6 +748,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         call = self._next_call()
         self._check_health(call)
         ev = evaluate(params, closure, self.hvp_mode, module=self.module, sharded=self._sharded)
+        # parameters without a gradient are left alone, as torch.optim does (directions are
+        # still drawn for every parameter, so the random stream does not depend on it)
+        self._no_grad = {id(p) for p, missing in zip(params, ev.no_grad) if missing}
         grads_synced, hvps_synced = self._synced(ev.source)
         # graph gradients are the caller's tensors: averaged into new ones; copies in place
         g = ev.grads if grads_synced else self._average(ev.grads, inplace=ev.source != "graph")
@@ -674,7 +781,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 continue
             bufs = [self._zeros_state(p, "momentum_buffer") for p in ps]
             new = [m.lerp(gi, 1 - beta) for m, gi in zip(bufs, gs)]
-            self._pending_momentum += zip(bufs, new)
+            no_grad = getattr(self, "_no_grad", set())
+            self._pending_momentum += [
+                (m, n) for p, m, n in zip(ps, bufs, new) if id(p) not in no_grad
+            ]
             out += torch._foreach_div(new, (1 - beta**t).to(gs[0].dtype))
         return out
 
@@ -685,7 +795,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         ``torch.where`` (not a multiplication by 0, which would keep NaN) keeps a non-finite
         step out of the parameters without a host synchronisation, like GradScaler's found-inf.
         """
+        no_grad = getattr(self, "_no_grad", set())
         for g_params, y, group in zip(groups, step, self.param_groups):
+            if no_grad:  # parameters without a gradient: no step, no decay
+                kept = [(p, yp) for p, yp in zip(g_params, y) if id(p) not in no_grad]
+                g_params, y = [p for p, _ in kept], [yp for _, yp in kept]
             if not g_params:
                 continue
             g_params = locals_(g_params)
@@ -767,18 +881,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         same = all(lr is first or (not isinstance(lr, Tensor) and lr == first) for lr in lrs)
         return first if len(lrs) == 1 or (same and not isinstance(first, Tensor)) else None
 
-    @staticmethod
-    def _detach_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    def _detach_grads(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """Leave the plain gradient in ``.grad`` (and drop a ``create_graph`` graph: the
-        param ↔ grad reference cycle it creates otherwise leaks memory). A sharded parameter's
-        ``.grad`` (a ``DTensor``) gets this rank's piece."""
+        param ↔ grad reference cycle it creates otherwise leaks memory); ``None`` where the
+        parameter got none. A sharded parameter's ``.grad`` (a ``DTensor``) gets this rank's
+        piece."""
+        no_grad = getattr(self, "_no_grad", set())
         for p, g in zip(params, grads):
-            if not is_sharded(p):
+            if id(p) in no_grad:
+                p.grad = None
+            elif not is_sharded(p):
                 p.grad = g
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            local(p.grad).copy_(g)
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                local(p.grad).copy_(g)
 
 
 class _ParamState(defaultdict):

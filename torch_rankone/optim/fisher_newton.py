@@ -39,6 +39,8 @@ from ._protocol import (
     check_hyper,
     check_module,
     check_update_extras,
+    grad_snapshot,
+    grads_written,
 )
 
 __all__ = ["FisherNewton", "fisher_sigma", "fisher_newton_direction"]
@@ -301,6 +303,27 @@ def _rows_apply(layer: torch.nn.Module, A: Tensor) -> bool:
     return A.dim() >= 2
 
 
+def _refuse_empty(batch: Tensor) -> None:
+    if batch.shape[0] == 0:
+        raise CurvatureError("FisherNewton: the batch is empty (B = 0); there is nothing to fit")
+
+
+def _refuse_interacting_samples(module: torch.nn.Module | None) -> None:
+    """BatchNorm in training mode normalises each sample by statistics of the whole batch: the
+    loss of one sample depends on the others, so per-sample gradients (and ``D``) are not
+    defined — the layer rows and the batched backward would each compute something else."""
+    if module is None:
+        return
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.training:
+            raise CurvatureError(
+                f"FisherNewton: {name or 'the module'} ({type(layer).__name__}) is in training "
+                "mode, which mixes the samples of a batch, so per-sample gradients are not "
+                "defined. Put the BatchNorm layers in eval mode (layer.eval()), or use GroupNorm "
+                "or LayerNorm."
+            )
+
+
 class _LayerCapture:
     """During the closure, record input and output of every layer of ``module`` that
     :func:`layer_rows` handles and whose parameters are being optimised.
@@ -410,7 +433,9 @@ class FisherNewton(SecondOrderOptimizer):
             weights), ``nn.Conv2d`` from one batched product of input patches and output
             gradients (:class:`Conv2dRows`), and sequence ``nn.Linear``, ``nn.LayerNorm`` and
             ``nn.Embedding`` (:func:`layer_rows`). Other parameters use materialised per-sample
-            gradients (one vmapped backward, much slower). Same result either way.
+            gradients (one vmapped backward, much slower). Same result either way, for models
+            whose samples do not interact: per-sample gradients are not defined when they do,
+            so a ``module`` with BatchNorm in training mode is refused (``CurvatureError``).
         max_grad_norm: clip ``g`` as ``torch.nn.utils.clip_grad_norm_`` would, by
             ``min(1, max_grad_norm/(‖g‖ + 1e-6))`` (on device). The step is linear in ``g``, so
             this clips the step by the same factor. ``None``: no clipping.
@@ -502,9 +527,18 @@ class FisherNewton(SecondOrderOptimizer):
             weight_decay=weight_decay,
         )
         super().__init__(params, defaults, generator=generator, process_group=process_group)
-        for group in self.param_groups:
-            check_hyper("param group damping", group["damping"], strict=damping_mode != "theory")
         self.module = module
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        strict = group["damping_mode"] != "theory"
+        check_hyper("param group damping", group["damping"], strict=strict)
+        dtypes = {p.dtype for g in (self.param_groups[0], group) for p in g["params"]}
+        if len(dtypes) > 1:
+            raise TypeError(
+                "FisherNewton needs every parameter in one dtype (the per-sample rows of all "
+                f"layers enter one B×B Gram matrix), got {sorted(map(str, dtypes))}"
+            )
 
     def _step(self, closure: Callable[[], Any] | None) -> Tensor | None:
         """One FisherNewton step; returns the mean of the closure's per-sample losses."""
@@ -521,6 +555,7 @@ class FisherNewton(SecondOrderOptimizer):
         defaults = self.param_groups[0]
         self._check_health(self._next_call())
         self._sync_generator(params[0])
+        _refuse_interacting_samples(self.module)
         with _LayerCapture(self.module, params) as capture:
             losses, fisher_losses = self._per_sample_losses(closure, params, defaults)
         rows_losses = losses if fisher_losses is None else fisher_losses
@@ -642,8 +677,14 @@ class FisherNewton(SecondOrderOptimizer):
         return blocks
 
     def _per_sample_losses(self, closure, params, defaults) -> tuple[Tensor, Tensor | None]:
+        before = grad_snapshot(params)
         with torch.enable_grad():
             out = closure()
+        if grads_written(params, before):
+            raise CurvatureError(
+                "FisherNewton: the closure called backward(); return the per-sample losses "
+                "(reduction='none') without calling backward — the optimizer differentiates them"
+            )
         if defaults["fisher"] == "true":
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise CurvatureError(
@@ -651,6 +692,7 @@ class FisherNewton(SecondOrderOptimizer):
                     "class indices for cross_entropy, predictions and values for mse"
                 )
             outputs, targets = out
+            _refuse_empty(outputs)
             return self._true_fisher_losses(outputs, targets, defaults["loss_type"])
         if not isinstance(out, Tensor) or out.dim() != 1:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -658,6 +700,7 @@ class FisherNewton(SecondOrderOptimizer):
                 "FisherNewton: the closure must return a 1-D tensor of per-sample losses "
                 f"(use reduction='none'), got {shape}"
             )
+        _refuse_empty(out)
         if not out.requires_grad:
             raise CurvatureError(
                 "FisherNewton: the per-sample losses carry no graph; return them without calling "
@@ -671,6 +714,8 @@ class FisherNewton(SecondOrderOptimizer):
                 losses = torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
                 # drawn on the generator's device (the parameters', for the owned one)
                 probs = outputs.detach().softmax(-1).to(self.generator.device, torch.float64)
+                # non-finite logits (the step will be skipped): any valid distribution will do
+                probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, 1.0)
                 sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
                 model_losses = torch.nn.functional.cross_entropy(
                     outputs, sampled.to(outputs.device), reduction="none"

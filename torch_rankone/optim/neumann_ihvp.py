@@ -11,6 +11,7 @@ iteration (``1.05·|λ_max(H + λI)|``) and refreshed every ``scale_refresh`` st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,8 +79,10 @@ class NeumannIHVP(SecondOrderOptimizer):
 
     Divergence (a Rayleigh quotient of ``A = (H + λI)/s`` outside ``(0, 2)`` along the series'
     iterates — the series converges while ``A``'s eigenvalues lie there —, a growing term, or a
-    non-finite value) is detected on device; that step falls back
-    to the damped gradient step ``y = g/s`` and ``state["neumann_fallbacks"]`` counts it. With an
+    non-finite value) is detected on device; that step falls back to the damped gradient step
+    ``y = g/s'``, ``s' = s·max(1, r)`` with ``r`` the largest Rayleigh quotient seen (which proves
+    ``λ_max(H + λI) ≥ r·s``: a too-small ``s`` does not make the fallback diverge), and the
+    ``neumann_fallbacks`` counter counts it. With an
     estimated scale, a quotient ``r > 1`` also raises ``s`` to ``1.05·r·s`` for the following
     steps (on device; the curvature grew since the last estimate). Fallbacks on most steps and
     skipped steps are reported by a ``RuntimeWarning`` at the sync points of
@@ -105,8 +108,9 @@ class NeumannIHVP(SecondOrderOptimizer):
     _health_counters = {
         **SecondOrderOptimizer._health_counters,
         "neumann_fallbacks": (
-            "the Neumann series diverged and the step fell back to g/s",
-            "raise damping (H + λI must be positive definite)",
+            "the Neumann series diverged and the step fell back to the damped gradient step",
+            "raise damping (H + λI must be positive definite); with a given scale, raise it "
+            "(s > λ_max(H + λI)/2) or leave scale=None to estimate it",
         ),
     }
 
@@ -187,12 +191,14 @@ class NeumannIHVP(SecondOrderOptimizer):
         # The series converges while A's eigenvalues stay below 2: a quotient in (1, 2) (an
         # estimated s that went stale by less than 2×) raises s below but needs no fallback.
         res = neumann_series(hvp, m, opts["num_terms"], s, lam, max_quotient=2.0)
-        y = [torch.where(res.diverged, gi / s, yi) for gi, yi in zip(m, res.solution)]
+        # The fallback g/s' with s' = s·max(1, r): a quotient r proves λ_max(H + λI) ≥ r·s, so a
+        # too-small s (a user's scale, or a stale estimate) does not make the fallback diverge.
+        safe = s * _largest_quotient(res).clamp_min(1.0).to(s.dtype)
+        y = [torch.where(res.diverged, gi / safe, yi) for gi, yi in zip(m, res.solution)]
         if opts["scale"] is None:
             self._raise_stale_scale(res, s)
-        fallbacks = self._counter("neumann_fallbacks")
-        fallbacks.add_(res.diverged.to(torch.int64))
         ok = all_finite(loss, s, *y)
+        self._counter("neumann_fallbacks").add_((res.diverged & ok).to(torch.int64))
         self._apply_masked(groups, split_groups(y, groups), ok)
         self._detach_grads(params, g)
         return loss
@@ -201,7 +207,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         """``s`` as a 0-d tensor; estimated on schedule when not given (syncs those steps)."""
         if opts["scale"] is not None:
             return torch.full((), opts["scale"], dtype=like[0].dtype, device=like[0].device)
-        if refresh:
+        if refresh or getattr(self, "_estimate_again", False):
             relative = opts["damping_mode"] == "relative"
             lam = 0.0 if relative else opts["damping"]
             top = power_iteration(
@@ -211,8 +217,13 @@ class NeumannIHVP(SecondOrderOptimizer):
                 tol=1e-3,
                 generator=self.generator,
                 warn=False,
+                raise_nonfinite=False,
             )
             lam_max = top.eigenvalue.abs().to(like[0].device, like[0].dtype)
+            # non-finite curvature (a NaN loss): this step is skipped, and estimated again next
+            self._estimate_again = not math.isfinite(float(lam_max))  # a sync step anyway
+            if self._estimate_again:
+                return lam_max
             if relative:  # ŝ = 1.5·|λ_max(H)|: mini-batch curvature varies between batches
                 s = (1.5 * lam_max * (1 + opts["damping"])).clamp_min(
                     torch.finfo(lam_max.dtype).tiny
@@ -228,8 +239,13 @@ class NeumannIHVP(SecondOrderOptimizer):
         ``s`` to ``1.05·r·s`` at once, on device (no sync), instead of falling back until the
         next refresh. Quotients ``≤ 0`` (negative curvature) are left to the fallback: no scale
         helps there. Beyond the original method; only for an estimated scale."""
-        quotients = res.rayleigh_quotients
-        top = torch.nan_to_num(quotients, nan=0.0, posinf=0.0).max() if quotients.numel() else None
-        if top is not None:
-            raised = torch.where(top > 1, 1.05 * top.to(s.dtype) * s, s)
-            self.global_state["scale"] = raised
+        top = _largest_quotient(res).to(s.dtype)
+        self.global_state["scale"] = torch.where(top > 1, 1.05 * top * s, s)
+
+
+def _largest_quotient(res) -> Tensor:
+    """The largest finite Rayleigh quotient of ``A = (H + λI)/s`` the series saw (0 if none)."""
+    quotients = res.rayleigh_quotients
+    if not quotients.numel():
+        return torch.zeros((), dtype=torch.float64, device=quotients.device)
+    return torch.nan_to_num(quotients, nan=0.0, posinf=0.0, neginf=0.0).max()

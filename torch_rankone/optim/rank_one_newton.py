@@ -10,6 +10,7 @@ in one kernel (``_ext.lowrank_solve_update``) when all groups share ``lr`` and `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -302,22 +303,24 @@ class RankOneNewton(SecondOrderOptimizer):
             process_group=process_group,
             grads_synced=grads_synced,
         )
-        for group in self.param_groups:
-            for key in ("damping", "delta"):
-                check_hyper(f"param group {key}", group[key])
-            if (
-                safeguard
-                and preconditioner == "isotropic"
-                and damping_mode != "theory"
-                and group["delta"] + group["damping"] <= 0
-            ):
-                raise ValueError(
-                    "safeguard=True needs delta + damping > 0 (the raised c keeps that value "
-                    "as the smallest eigenvalue); set a positive damping or safeguard=False"
-                )
-        if damping_mode == "theory" and len({g["delta"] for g in self.param_groups}) > 1:
-            raise ValueError("damping_mode='theory' needs the same delta in every group")
         self.module = module
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        for key in ("damping", "delta"):
+            check_hyper(f"param group {key}", group[key])
+        if (
+            group["safeguard"]
+            and group["preconditioner"] == "isotropic"
+            and group["damping_mode"] != "theory"
+            and group["delta"] + group["damping"] <= 0
+        ):
+            raise ValueError(
+                "safeguard=True needs delta + damping > 0 (the raised c keeps that value "
+                "as the smallest eigenvalue); set a positive damping or safeguard=False"
+            )
+        if group["damping_mode"] == "theory" and group["delta"] != self.param_groups[0]["delta"]:
+            raise ValueError("damping_mode='theory' needs the same delta in every group")
 
     def _param_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = super()._param_state_keys(group)
@@ -446,6 +449,7 @@ class RankOneNewton(SecondOrderOptimizer):
             and all(c is c_groups[0] for c in c_groups)
             and not self._uses_weight_decay(groups)
             and not self._sharded  # the fused kernel's Gram would be this rank's piece only
+            and not self._no_grad  # it updates every parameter
         ):
             # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
             # lr = NaN vetoes the step on device when the loss or c is not finite.
@@ -498,7 +502,8 @@ class RankOneNewton(SecondOrderOptimizer):
         """``|λ_max(H)|`` by 20 power iterations, at the first call and every
         ``lambda_max_refresh`` calls (those steps synchronise with the host)."""
         state = self.global_state
-        if self._call % self.param_groups[0]["lambda_max_refresh"] == 0:
+        refresh = self._call % self.param_groups[0]["lambda_max_refresh"] == 0
+        if refresh or getattr(self, "_estimate_again", False):
             res = power_iteration(
                 hvp,
                 params,
@@ -506,6 +511,12 @@ class RankOneNewton(SecondOrderOptimizer):
                 tol=1e-3,
                 generator=self.generator,
                 warn=False,
+                raise_nonfinite=False,
             )
-            state["lambda_max"] = res.eigenvalue.abs().to(state["lambda_max"])
+            estimate = res.eigenvalue.abs().to(state["lambda_max"])
+            # non-finite curvature (a NaN loss): this step is skipped, and estimated again next
+            self._estimate_again = not math.isfinite(float(estimate))  # a sync step anyway
+            if self._estimate_again:
+                return estimate
+            state["lambda_max"] = estimate
         return state["lambda_max"]
