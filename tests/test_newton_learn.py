@@ -1,7 +1,8 @@
-"""NewtonLearn (SPEC §4.4, seed 002) in simulated mode: dense float64 references for NL1, NL2 and
-CNL steps, the invariants (NL1's projection, NL2's positive definiteness), the exact cubic
-subproblem, rank-one Cholesky updates, bits accounting by hand, checkpointing, errors, and the
-real-data acceptance runs on a9a and w8a (P − P* ≤ 1e-10).
+"""NewtonLearn (Islamov, Qian, Richtárik, ICML 2021) in simulated mode: dense float64 references
+for NL1, NL2 and CNL steps, the invariants (NL1's projection, NL2's positive definiteness), the
+exact cubic subproblem, rank-one Cholesky updates, bits accounting by hand, checkpointing, errors,
+and the real-data acceptance runs on a9a and w8a (P − P* ≤ 1e-10). Faults and unusual inputs:
+``tests/test_reliability_newton_learn.py``.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def test_bad_data_and_closure():
 
 
 # ------------------------------------------------------------------------------------------------
-# Real data (SPEC §4.4 acceptance): a9a split as in the paper, w8a
+# Real data (acceptance runs): a9a split as in the paper, w8a
 # ------------------------------------------------------------------------------------------------
 
 SPLITS = {"a9a": (80, 407), "w8a": (142, 350)}

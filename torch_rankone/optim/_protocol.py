@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._random import owned_generator
-from .._tensorlist import TensorList, local, locals_, norm, sharded_over
+from .._tensorlist import TensorList, local, locals_, norm, sharded_over, sum_over_shards
 from ._data_parallel import (
     Layout,
     average,
@@ -788,14 +788,19 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             out += torch._foreach_div(new, (1 - beta**t).to(gs[0].dtype))
         return out
 
-    def _apply_masked(self, groups: list[list[Tensor]], step: list[TensorList], ok: Tensor) -> None:
-        """``p ← p·(1 − lr_g·wd_g) − lr_g · y`` for every group, or nothing at all where ``ok``
-        is False. ``wd`` is decoupled weight decay (AdamW).
+    def _apply_masked(
+        self, groups: list[list[Tensor]], step: list[TensorList], ok: Tensor
+    ) -> Tensor:
+        """``p ← p·(1 − lr_g·wd_g) − lr_g · y`` for every group, or nothing at all unless ``ok``
+        and every ``lr_g · y`` and decay factor are finite (a huge ``lr`` can overflow a finite
+        ``y``; one max-abs pass over the update). ``wd`` is decoupled weight decay (AdamW).
+        Returns the flag the step was applied under (commit other state with it).
 
         ``torch.where`` (not a multiplication by 0, which would keep NaN) keeps a non-finite
         step out of the parameters without a host synchronisation, like GradScaler's found-inf.
         """
         no_grad = getattr(self, "_no_grad", set())
+        plans, largest = [], []
         for g_params, y, group in zip(groups, step, self.param_groups):
             if no_grad:  # parameters without a gradient: no step, no decay
                 kept = [(p, yp) for p, yp in zip(g_params, y) if id(p) not in no_grad]
@@ -804,12 +809,31 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 continue
             g_params = locals_(g_params)
             lr = group["lr"]  # a number (or a tensor) multiplies without a copy to the device
-            decay = group.get("weight_decay", 0.0)
-            if decay:  # 1 − lr·wd where ok, else 1, in the parameters' dtype
-                torch._foreach_mul_(g_params, 1 - ok.to(g_params[0].dtype) * (lr * decay))
-            for p, yp in zip(g_params, y):
-                p.sub_(torch.where(ok, yp * lr, 0.0))
+            update = torch._foreach_mul(y, lr)
+            largest += torch._foreach_norm([u for u in update if u.numel()], math.inf)
+            decay, factor = lr * group.get("weight_decay", 0.0), None
+            if isinstance(decay, Tensor) or decay:  # 1 − lr·wd, in the parameters' dtype
+                dev = update[0].device  # a number is filled in on the device: no host copy
+                d = (
+                    decay
+                    if isinstance(decay, Tensor)
+                    else torch.full((), decay, dtype=torch.float64, device=dev)
+                )
+                factor = (1 - d.to(dev, torch.float64)).to(update[0].dtype)  # inf: masked
+                largest.append(factor)
+            plans.append((g_params, update, factor))
+        if largest:
+            finite = torch.isfinite(torch.stack(largest)).all()
+            if self._sharded:  # every rank checks its pieces: agree on one flag
+                finite = sum_over_shards((~finite).to(torch.float32)) == 0
+            ok = ok & finite
+        for g_params, update, factor in plans:
+            if factor is not None:
+                torch._foreach_mul_(g_params, torch.where(ok, factor, 1.0))
+            for p, u in zip(g_params, update):
+                p.sub_(torch.where(ok, u, 0.0))
         self._count_step(ok)
+        return ok
 
     def _zeros_state(self, p: Tensor, key: str) -> Tensor:
         """This rank's piece of ``self.state[p][key]``, created as zeros shaped like ``p``."""

@@ -197,9 +197,8 @@ class NeumannIHVP(SecondOrderOptimizer):
         y = [torch.where(res.diverged, gi / safe, yi) for gi, yi in zip(m, res.solution)]
         if opts["scale"] is None:
             self._raise_stale_scale(res, s)
-        ok = all_finite(loss, s, *y)
+        ok = self._apply_masked(groups, split_groups(y, groups), all_finite(loss, s, *y))
         self._counter("neumann_fallbacks").add_((res.diverged & ok).to(torch.int64))
-        self._apply_masked(groups, split_groups(y, groups), ok)
         self._detach_grads(params, g)
         return loss
 

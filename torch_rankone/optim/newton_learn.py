@@ -62,7 +62,7 @@ from .. import _ext
 from .._random import owned_generator
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, RandK
-from ..distributed.protocol import CollectiveTransport, SimulatedTransport
+from ..distributed.protocol import CollectiveTransport, ProtocolError, SimulatedTransport
 
 __all__ = [
     "GLMLoss",
@@ -141,17 +141,31 @@ def glm_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> GLMLoss:
 
 
 class _Shard:
-    """A node-side feature matrix: the dense rows (gathered for the Hessian updates) and, when
-    sparse enough, CSR copies of ``A`` and ``Aᵀ`` for the matrix products (w8a is 4 % dense:
-    about 20× faster margins and gradients than dense products)."""
+    """A node-side feature matrix for the matrix products and the rows of the learning messages.
+
+    Dense input keeps the dense rows (gathered for the Hessian updates) and, when sparse enough,
+    CSR copies of ``A`` and ``Aᵀ`` for the products (w8a is 4 % dense: about 20× faster margins
+    and gradients than dense products). Sparse CSR/COO input below that density stays sparse
+    (``A`` and ``Aᵀ`` in CSR, no dense copy): the few rows a step sends are gathered from the
+    CSR arrays. Sparse input at or above it is densified once, where dense products are faster
+    and cost at most about twice the CSR's memory.
+    """
 
     def __init__(self, A: Tensor) -> None:
-        self.A = A.contiguous()
-        density = float((A != 0).sum()) / max(A.numel(), 1)
+        self.A: Tensor | None = None
         self.csr = self.csr_t = None
-        if density < SPARSE_DENSITY:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            if A.layout == torch.sparse_coo:
+                A = A.coalesce().to_sparse_csr()  # duplicates add up, as in to_dense()
+            if A.layout == torch.sparse_csr:
+                if A.values().numel() < SPARSE_DENSITY * max(A.numel(), 1):
+                    self.csr, self.csr_t = A, A.t().to_sparse_csr()
+                    return
+                A = A.to_dense()
+            self.A = A.contiguous()
+            density = float((A != 0).sum()) / max(A.numel(), 1)
+            if density < SPARSE_DENSITY:
                 self.csr = self.A.to_sparse_csr()
                 self.csr_t = self.A.T.contiguous().to_sparse_csr()
 
@@ -163,9 +177,48 @@ class _Shard:
         """``Aᵀ W`` for a vector or matrix ``W``."""
         return self.csr_t @ W if self.csr_t is not None else self.A.T @ W
 
+    def _entry_rows(self) -> Tensor:
+        """The row of each stored entry of the CSR copy."""
+        crow = self.csr.crow_indices()
+        return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+
     def weighted_gram(self, w: Tensor) -> Tensor:
         """``Aᵀ diag(w) A`` (a node's local Hessian model, sent once at initialisation)."""
-        return self.rmm(self.A * w[:, None])
+        if self.A is not None:
+            return self.rmm(self.A * w[:, None])
+        csr = self.csr
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            scaled = torch.sparse_csr_tensor(
+                csr.crow_indices(),
+                csr.col_indices(),
+                csr.values() * w[self._entry_rows()],
+                csr.shape,
+                check_invariants=False,  # the structure of a valid CSR tensor
+            )
+            return (self.csr_t @ scaled).to_dense()
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """The dense rows ``A[idx]`` (``(len(idx), d)``)."""
+        if self.A is not None:
+            return self.A.index_select(0, idx)
+        crow, col, val = self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()
+        idx = idx.to(crow.device)
+        start, count = crow[idx], crow[idx + 1] - crow[idx]
+        owner = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), count)
+        # position of each gathered entry in the CSR arrays: its row's start + its rank in the row
+        first = torch.cumsum(count, 0) - count
+        pos = start[owner] + torch.arange(owner.numel(), device=idx.device) - first[owner]
+        out = val.new_zeros(idx.numel(), self.csr.shape[1])
+        return out.index_put_((owner, col[pos]), val[pos], accumulate=True)
+
+    def max_row_norm(self) -> Tensor:
+        """``max_j ‖a_j‖`` (0-d)."""
+        if self.A is not None:
+            return self.A.norm(dim=1).amax()
+        val = self.csr.values()
+        sq = val.new_zeros(self.csr.shape[0]).index_add_(0, self._entry_rows(), val * val)
+        return sq.sqrt().amax()
 
 
 def glm_node_terms(
@@ -255,10 +308,17 @@ def cubic_step(
     Hard case (``g`` orthogonal to the bottom eigenvectors and ``w(r_lo) < r_lo``): ``r = r_lo``
     and the missing norm goes along the bottom eigenvector. ``M = 0``: the Newton step
     (``Hreg`` must be positive definite). The 1-D solve runs on the host in float64.
+    Non-finite ``Hreg`` or ``g`` (or an eigendecomposition that fails): NaN, as
+    :func:`newton_direction` (the caller skips the step).
     """
     if M == 0:
         return -newton_direction(Hreg, g)
-    mu, Q = torch.linalg.eigh(Hreg)
+    if not bool(torch.isfinite(Hreg).all() & torch.isfinite(g).all()):
+        return torch.full_like(g, math.nan)
+    try:
+        mu, Q = torch.linalg.eigh(Hreg)
+    except torch.linalg.LinAlgError:
+        return torch.full_like(g, math.nan)
     gt = Q.T @ g
     mu_h, gt_h = mu.double().cpu(), gt.double().cpu()
     mu_min = float(mu_h[0])
@@ -307,7 +367,7 @@ def glm_newton(
     baseline of the benchmarks."""
     A, b = features.double(), targets.double()
     shard, phi = _Shard(A), glm_loss(loss)
-    x = A.new_zeros(A.shape[1]) if x0 is None else x0.to(A).clone()
+    x = torch.zeros(A.shape[1], dtype=A.dtype, device=A.device) if x0 is None else x0.to(A).clone()
     values = []
     for _ in range(iterations + 1):
         t = shard.mv(x)
@@ -322,6 +382,36 @@ def glm_newton(
 # --------------------------------------------------------------------------------------------
 # The optimizer
 # --------------------------------------------------------------------------------------------
+
+
+def _data_error(shard: _Shard, targets: Tensor, loss: str | Callable) -> str | None:
+    """Why the data cannot be used with ``loss`` (``None``: it can). Non-finite entries would
+    make every step a skipped one; the logistic loss ``log(1 + e^{−bt})`` is defined for
+    ``b = ±1``: a row labelled 0 adds ``log 2`` whatever ``x`` (it would be silently ignored) and
+    other values rescale the margin."""
+    values = shard.A if shard.A is not None else shard.csr.values()
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        return f"features must be finite; {bad} entries are NaN or ±inf"
+    bad = int((~torch.isfinite(targets)).sum()) if targets.is_floating_point() else 0
+    if bad:
+        return f"targets must be finite; {bad} of them are NaN or ±inf"
+    if loss != "logistic" or bool(((targets == 1) | (targets == -1)).all()):
+        return None
+    seen = torch.unique(targets).tolist()
+    shown = ", ".join(f"{v:g}" for v in seen[:6]) + (", ..." if len(seen) > 6 else "")
+    why = (
+        "loss='logistic' needs targets in {-1, +1} (a row labelled 0 would add log 2 whatever x, "
+        f"i.e. be ignored); got {len(seen)} distinct values {{{shown}}}: "
+    )
+    if set(seen) <= {0, 1}:
+        return why + "map {0, 1} labels with 2*y - 1"
+    if len(seen) == 2:
+        return why + "map them with torch.where(y == y.max(), 1.0, -1.0)"
+    return why + (
+        "the logistic loss is binary; for class c against the rest use "
+        "torch.where(y == c, 1.0, -1.0)"
+    )
 
 
 def _check_positive(name: str, value: Any, *, strict: bool = True) -> float:
@@ -358,8 +448,14 @@ class NewtonLearn(torch.optim.Optimizer):
         params: One parameter with ``d`` elements, the weight vector ``x`` (``(d,)`` or
             ``(1, d)`` as ``nn.Linear(d, 1, bias=False).weight``). Its value is ``x^0``.
         features: ``(rows, d)`` — simulated mode: all ``n·m`` rows, node ``i`` holding rows
-            ``[i·m, (i+1)·m)``; ``torch.distributed`` mode: this rank's ``L·m`` rows.
-        targets: ``(rows,)`` labels ``b_ij`` (±1 for logistic).
+            ``[i·m, (i+1)·m)``; ``torch.distributed`` mode: this rank's ``L·m`` rows. Dense,
+            sparse CSR (e.g. ``torch_rankone.data.load_libsvm(..., sparse=True)``) or sparse
+            COO; finite. Sparse input with under 25 % stored entries stays sparse (CSR copies of
+            ``A`` and ``Aᵀ``, about twice its memory; no dense copy); denser sparse input is
+            densified once (``rows·d`` values). The iterates equal the dense input's up to
+            rounding.
+        targets: ``(rows,)`` labels ``b_ij``, finite; exactly ``-1`` or ``+1`` for the built-in
+            logistic loss (others are refused: map ``{0, 1}`` labels with ``2*y - 1``).
         loss: ``"logistic"``, ``"squared"`` or a function ``φ(t, b)`` of torch scalars
             (derivatives by ``torch.func``; then ``gamma`` and, for CNL, ``cubic_reg`` are needed).
         lam: ``λ`` (> 0 for NL1).
@@ -388,9 +484,19 @@ class NewtonLearn(torch.optim.Optimizer):
 
     State (``opt.state[param]``, saved by ``state_dict``): ``h`` (learned coefficients of this
     rank's nodes), ``H`` (NL1) or ``A``, ``B`` (NL2/CNL) on the server, ``chol`` (update
-    solver), ``step``, ``skipped_steps`` (non-finite steps not applied), ``bits_sent``
-    (cumulative, with initialisation) and ``generator_state``. ``opt.history``: per iteration
+    solver: the factor of ``H + λI``), ``chol_lam`` (the ``λ`` it was made for; a changed
+    ``param_groups[0]["lam"]`` makes the next step refactor), ``refactorizations``, ``step``,
+    ``skipped_steps`` (non-finite steps not applied), ``bits_sent`` (cumulative, with
+    initialisation) and ``generator_state``. ``opt.history``: per iteration
     ``{"loss": P(x^k), "bits": cumulative bits after it, "time": cumulative step seconds}``.
+
+    Non-finite steps: a step whose gradient, loss, some node's ``h(x^k)`` or ``h^{k+1}``, or new
+    iterate is not finite is not applied at all — ``x``, ``h``, ``H``/``A`` and the factor stay
+    as they were (a NaN learned into ``h`` or ``H`` would make every later step a skipped one)
+    and ``skipped_steps`` counts it on every rank (the server's verdict is broadcast with the
+    iterate). Its messages were sent: ``step``, ``bits_sent`` and the history count it (its
+    ``loss`` may be NaN). A start where ``P``, ``∇P`` or ``h(x⁰)`` (or a given ``h0``) is not
+    finite is refused at construction.
 
     Synchronisation: each step reads the number of changed coefficients on the host (the size
     of the messages), and CNL's 1-D secular solve runs on the host.
@@ -466,6 +572,10 @@ class NewtonLearn(torch.optim.Optimizer):
                 f"features must be a (rows, d={d}) tensor matching the parameter's {d} elements, "
                 f"got {getattr(features, 'shape', type(features).__name__)}"
             )
+        if features.layout not in (torch.strided, torch.sparse_csr, torch.sparse_coo):
+            raise ValueError(
+                f"features must be a dense, sparse CSR or sparse COO tensor, got {features.layout}"
+            )
         if not features.is_floating_point() or features.dtype != p.dtype:
             raise TypeError(
                 f"features must have the parameter's dtype {p.dtype}, got {features.dtype}"
@@ -516,19 +626,30 @@ class NewtonLearn(torch.optim.Optimizer):
         self.solve_dtype = solve_dtype or (
             torch.float64 if d <= MAX_FLOAT64_SOLVE else features.dtype
         )
-        self.transport.check_agreement(
-            dict(
-                nodes_per_rank=nodes,
-                rows_per_node=m,
-                features=d,
-                dtype=[torch.float16, torch.bfloat16, torch.float32, torch.float64].index(
-                    features.dtype
-                ),
-                variant=VARIANTS.index(variant),
-                option=option,
-                solver=SOLVERS.index(solver),
+        self._shard, self._targets = _Shard(features), targets
+        self._loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss))
+        data_error = _data_error(self._shard, targets, loss)
+        try:  # every rank learns whether some rank's data was refused: none goes on alone
+            self.transport.check_agreement(
+                dict(
+                    nodes_per_rank=nodes,
+                    rows_per_node=m,
+                    features=d,
+                    dtype=[torch.float16, torch.bfloat16, torch.float32, torch.float64].index(
+                        features.dtype
+                    ),
+                    variant=VARIANTS.index(variant),
+                    option=option,
+                    solver=SOLVERS.index(solver),
+                    finite_features_and_valid_targets=int(data_error is None),
+                )
             )
-        )
+        except ProtocolError:
+            if data_error is not None:
+                raise ValueError(data_error) from None
+            raise
+        if data_error is not None:
+            raise ValueError(data_error)
 
         self.generator = generator
         if generator is None:
@@ -536,12 +657,11 @@ class NewtonLearn(torch.optim.Optimizer):
         self.transport.broadcast_generator(self.generator)
         with torch.no_grad():
             p.copy_(self.transport.broadcast_from_server(p.detach()))
-        self._shard, self._targets = _Shard(features), targets
         if variant == "cnl":
             if cubic_reg is None:
                 if phi.nu is None:
                     raise ValueError("cubic_reg (M) is needed for a custom loss with cnl")
-                R = self.transport.max_everywhere(features.norm(dim=1).amax().to(torch.float64))
+                R = self.transport.max_everywhere(self._shard.max_row_norm().to(torch.float64))
                 cubic_reg = phi.nu * float(R) ** 3
             cubic_reg = _check_positive("cubic_reg", cubic_reg, strict=False)
             self.defaults["cubic_reg"] = self.param_groups[0]["cubic_reg"] = cubic_reg
@@ -554,15 +674,14 @@ class NewtonLearn(torch.optim.Optimizer):
         nodes' local matrices (the initialisation message)."""
         shape = (self.local_nodes, self.m)
         with torch.no_grad():
+            x0 = p.detach().reshape(-1)
+            value, grad, hx0 = glm_node_terms(self._shard, self._targets, x0, self.loss)
             if h0 is None:
-                h0 = glm_node_terms(self._shard, self._targets, p.detach().reshape(-1), self.loss)[
-                    2
-                ]
+                h0 = hx0
             elif not isinstance(h0, Tensor) or h0.numel() != self.local_nodes * self.m:
                 raise ValueError(f"h0 must be a tensor with {shape[0]}·{shape[1]} elements")
             h = h0.detach().to(device=p.device, dtype=p.dtype).reshape(shape).clone()
-            if self.variant == "nl1" and bool((h < 0).any()):
-                raise ValueError("h0 must be >= 0 for nl1 (H^0 must be positive semidefinite)")
+            self._check_start(x0, value, grad, hx0, h)
             nm = self.num_nodes * self.m
             local = [self._shard.weighted_gram(h.reshape(-1))]
             if self.variant != "nl1":
@@ -583,10 +702,42 @@ class NewtonLearn(torch.optim.Optimizer):
             state["H"] = mats[0].contiguous()
             if self.solver == "cholesky_update":
                 state["chol"] = torch.linalg.cholesky(_shifted(state["H"], self._lam))
+                state["chol_lam"] = float(self._lam)  # λ of the factor: refactor when it changes
                 state["refactorizations"] = 0
         else:
             state["A"] = (mats[0] + 2 * self.gamma * mats[1]).contiguous()
             state["B"] = mats[1].contiguous()
+
+    def _check_start(self, x0: Tensor, value: Tensor, grad: Tensor, hx0: Tensor, h: Tensor) -> None:
+        """Refuse a start where ``P``, ``∇P`` or ``h(x⁰)`` is not finite (``x`` would never move:
+        every step skipped), a non-finite ``h⁰`` (a NaN ``H⁰``) or, NL1, a negative one; on every
+        rank when one rank's start is refused, before anything is built."""
+        bad_x0 = int((~torch.isfinite(hx0)).sum()) + int(not bool(torch.isfinite(x0).all()))
+        bad_x0 += int(not bool(torch.isfinite(value) & torch.isfinite(grad).all()))
+        bad_h, negative = int((~torch.isfinite(h)).sum()), bool((h < 0).any())
+        negative = negative and self.variant == "nl1"
+        local = [bad_x0 > 0, bad_h > 0, negative]
+        every = self.transport.max_everywhere(torch.tensor(local, dtype=torch.float64))
+        if bad_x0:
+            where = (
+                "x⁰ (the parameter) has non-finite entries"
+                if not bool(torch.isfinite(x0).all())
+                else "φ, φ' or φ'' = h(x⁰) overflows there"
+            )
+            raise ValueError(
+                f"loss={self._loss_name!r} is not finite at x⁰ ({where}): every step would be "
+                "skipped. Start from another x⁰, or write φ in an overflow-safe form (e.g. "
+                "softplus(-b*t) rather than log(1 + exp(-b*t)))"
+            )
+        if bad_h:
+            raise ValueError(f"h0 is not finite: {bad_h} entries are NaN or ±inf")
+        if negative:
+            raise ValueError("h0 must be >= 0 for nl1 (H^0 must be positive semidefinite)")
+        if bool(every.any()):
+            raise ValueError(
+                "NewtonLearn: another rank refused its start (its loss or h0 is not finite at "
+                "x⁰, or h0 < 0 for nl1); see that rank's error"
+            )
 
     @property
     def _lam(self) -> float:
@@ -611,7 +762,7 @@ class NewtonLearn(torch.optim.Optimizer):
     def global_state(self) -> dict[str, Any]:
         """All of the optimizer's state (``x`` is its only parameter): ``"h"``, ``"step"``,
         ``"skipped_steps"``, ``"bits_sent"``, ``"history"``, the server's ``"H"``/``"A"``, ``"B"``,
-        ``"chol"``, ``"refactorizations"``."""
+        ``"chol"``, ``"chol_lam"``, ``"refactorizations"``."""
         return self.state[self._param]
 
     def counters(self) -> dict[str, int]:
@@ -642,28 +793,117 @@ class NewtonLearn(torch.optim.Optimizer):
         out["state"][index] = {**entry, "history": tuple(dict(h) for h in self.history)}
         return out
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_group = state_dict["param_groups"][0]
+    #: entries of the state that are tensors of a fixed shape and dtype (``h``; the server's
+    #: matrices), and counters (a number or a one-element tensor)
+    _MATRICES = ("h", "H", "A", "B", "chol")
+    _COUNTERS = ("step", "skipped_steps", "bits_sent", "refactorizations")
+
+    def _checked_entry(self, state_dict: Any) -> dict[str, Any]:
+        """The checkpoint's state entry, after checking that it fits this optimizer: one group
+        with one parameter, the same structural options, every entry of this optimizer's
+        state present, the matrices with this optimizer's shapes and dtypes. Raises
+        ``ValueError`` naming the first difference."""
+
+        def refuse(what: str) -> ValueError:
+            return ValueError(f"NewtonLearn.load_state_dict: {what} (nothing was changed)")
+
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise refuse("expected a dict with 'state' and 'param_groups'")
+        groups = state_dict["param_groups"]
+        if (
+            not isinstance(groups, (list, tuple))
+            or len(groups) != 1
+            or not isinstance(groups[0], dict)
+            or len(groups[0].get("params", ())) != 1
+        ):
+            raise refuse(
+                "the checkpoint is not of one parameter group holding one parameter, as "
+                "NewtonLearn's (x)"
+            )
         for key in self._STRUCTURAL:
-            if key in saved_group and saved_group[key] != self.param_groups[0][key]:
-                raise ValueError(
-                    f"NewtonLearn.load_state_dict: the checkpoint has {key}="
-                    f"{saved_group[key]!r}, this optimizer {self.param_groups[0][key]!r}; build "
-                    "the optimizer with the checkpoint's options (nothing was changed)"
+            if key in groups[0] and groups[0][key] != self.param_groups[0][key]:
+                raise refuse(
+                    f"the checkpoint has {key}={groups[0][key]!r}, this optimizer "
+                    f"{self.param_groups[0][key]!r}; build the optimizer with the checkpoint's "
+                    "options"
                 )
+        entries = state_dict["state"]
+        if not isinstance(entries, dict) or len(entries) != 1:
+            raise refuse("the checkpoint's state must have one entry (the parameter x)")
+        (saved,) = entries.values()
+        if not isinstance(saved, dict):
+            raise refuse(f"the checkpoint's state entry is a {type(saved).__name__}, not a dict")
+        mine = self.global_state
+        needed = {k for k in mine if k not in ("history", "chol_lam")} | {"generator_state"}
+        missing = sorted(needed - saved.keys())
+        if missing:
+            raise refuse(
+                f"the checkpoint's state is missing {missing} (a checkpoint of another optimizer, "
+                f"or of NewtonLearn with other options than variant={self.variant!r}, "
+                f"solver={self.solver!r}?)"
+            )
+        for key in self._MATRICES:
+            if key not in mine:
+                continue
+            got, want = saved[key], mine[key]
+            if not isinstance(got, Tensor):
+                raise refuse(f"state entry {key!r} is a {type(got).__name__}, not a tensor")
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise refuse(
+                    f"state entry {key!r} has shape {tuple(got.shape)} and dtype {got.dtype}, "
+                    f"this optimizer's {tuple(want.shape)} and {want.dtype} (another number of "
+                    "nodes, rows per node or features, or another dtype)"
+                )
+        for key in (k for k in self._COUNTERS if k in saved):
+            value = saved[key]
+            if isinstance(value, Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
+                continue
+            raise refuse(f"state entry {key!r} must be a number, got {value!r}")
+        gen, want = saved["generator_state"], self.generator.get_state()
+        if not isinstance(gen, Tensor) or gen.numel() != want.numel():
+            raise refuse(
+                f"state entry 'generator_state' must be a tensor of {want.numel()} bytes (a "
+                f"{self.generator.device.type} torch.Generator's state)"
+            )
+        if "chol_lam" in saved and not isinstance(saved["chol_lam"], (int, float)):
+            raise refuse(f"state entry 'chol_lam' must be a number, got {saved['chol_lam']!r}")
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of a NewtonLearn with the same options and problem size; anything
+        else raises ``ValueError`` before anything changes."""
+        saved = self._checked_entry(state_dict)
+        # everything that can fail is computed before the first change
+        history = [dict(h) for h in saved.get("history", state_dict.get("history", []))]
+        mine, device = self.global_state, self._param.device
+        loaded = {
+            k: v.to(device, copy=True) if isinstance(v, Tensor) else v for k, v in saved.items()
+        }
+        for key in self._COUNTERS:  # as a fresh optimizer keeps them
+            if key in loaded and isinstance(mine.get(key), Tensor):
+                want = mine[key]
+                loaded[key] = torch.as_tensor(saved[key]).reshape(()).to(want.device, want.dtype)
+        if "chol" in loaded and "chol_lam" not in loaded:  # the factor was made for the group's λ
+            loaded["chol_lam"] = float(state_dict["param_groups"][0].get("lam", self._lam))
+        generator_state = saved["generator_state"].to("cpu", torch.uint8)
+
         current = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        super().load_state_dict(state_dict)
-        for key, value in current.items():  # version 0.1 saved only lam
-            self.param_groups[0].setdefault(key, value)
-        # the base class casts floating state to the parameter's dtype; the d×d matrices are
-        # float64 on purpose and must come back exactly (on the parameter's device)
-        (saved,) = state_dict["state"].values()
-        state, device = self.global_state, self._param.device
-        for key, value in saved.items():
-            state[key] = value.to(device, copy=True) if isinstance(value, Tensor) else value
-        self.generator.set_state(state["generator_state"].to("cpu", torch.uint8))
-        # version 0.1 kept the history next to the state
-        self.history = [dict(h) for h in saved.get("history", state_dict.get("history", []))]
+        # the base class installs a new state and new groups: the old ones are the backup
+        old_state, old_groups = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            for key, value in current.items():  # version 0.1 saved only lam
+                self.param_groups[0].setdefault(key, value)
+            # the base class casts floating state to the parameter's dtype; the d×d matrices
+            # are float64 on purpose and must come back exactly (on the parameter's device)
+            state = self.global_state
+            state.clear()
+            state.update(loaded)
+            self.generator.set_state(generator_state)
+        except BaseException:
+            self.state, self.param_groups = old_state, old_groups
+            raise
+        self.history = history  # version 0.1 kept the history next to the state
 
     # ---- one iteration ---------------------------------------------------------------------
 
@@ -683,9 +923,11 @@ class NewtonLearn(torch.optim.Optimizer):
         feature matrix itself. Distributed: ``[coef, a_ij]`` rows gathered (zero-padded to the
         longest message; padding has ``coef = 0`` and is dropped)."""
         if self.transport.world_size == 1:
-            return self._shard.A, idx, coef
+            if self._shard.A is not None:
+                return self._shard.A, idx, coef
+            return self._shard.rows(idx), torch.arange(idx.numel()), coef
         width = int(self.transport.max_everywhere(torch.tensor([idx.numel()]))[0])
-        msg = torch.cat([coef[:, None], self._shard.A.index_select(0, idx)], 1)
+        msg = torch.cat([coef[:, None], self._shard.rows(idx)], 1)
         msg = torch.nn.functional.pad(msg.to(self.solve_dtype), (0, 0, 0, width - idx.numel()))
         got = self.transport.gather_to_server(msg)
         got = got[got[:, 0] != 0]
@@ -693,7 +935,8 @@ class NewtonLearn(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> Tensor:
-        """One iteration; returns ``P(x^k)`` at the starting point (0-d tensor)."""
+        """One iteration; returns ``P(x^k)`` at the starting point (0-d tensor). A non-finite
+        iteration changes nothing but the counters, bits and history (see the class)."""
         if closure is not None:
             raise TypeError(
                 "NewtonLearn.step() takes no closure: the optimizer owns the data "
@@ -710,6 +953,9 @@ class NewtonLearn(torch.optim.Optimizer):
         hx = hx.reshape(h.shape)
         message = self._compress(hx - h)
         h_new, change, beta = learn_coefficients(self.variant, h, hx, message, self.eta, self.gamma)
+        # non-finite coefficients here must not reach the server's model: the server counts
+        # the nodes that report them and skips the whole step
+        local_bad = ~(torch.isfinite(hx).all() & torch.isfinite(h_new).all())
         idx = change.reshape(-1).nonzero().squeeze(1)  # the a_ij to send (host sync: the count)
         coef = change.reshape(-1).index_select(0, idx) / nm
         local_bits = acc.realistic_iteration_bits(
@@ -721,30 +967,44 @@ class NewtonLearn(torch.optim.Optimizer):
             idx.numel(),
         )
         sums = self.transport.sum_to_server(
-            torch.cat([grad_sum, loss_sum[None], grad_sum.new_tensor([local_bits])]).to(
-                self.solve_dtype
-            )
+            torch.cat(
+                [
+                    grad_sum,
+                    loss_sum[None],
+                    grad_sum.new_tensor([local_bits]),
+                    local_bad[None].to(grad_sum.dtype),
+                ]
+            ).to(self.solve_dtype)
         )
         if beta is not None:
             beta = self.transport.max_everywhere(beta.to(self.solve_dtype))
         rows, ridx, rcoef = self._exchange(idx, coef)
 
-        # server: the Newton-type step, then the Hessian model's update
-        payload = torch.empty(d + 2, dtype=self.solve_dtype, device=x.device)
+        # server: the Newton-type step and, when it is applied, the Hessian model's update. A
+        # step is applied only when the gradient, the loss, every node's h(x^k) and h^{k+1} and
+        # the new iterate are finite; otherwise x, h, H/A and the factor all stay as they were
+        # (one NaN in h or H would make every later step a skipped one). The verdict travels
+        # with the iterate, so every rank decides the same.
+        payload = torch.empty(d + 3, dtype=self.solve_dtype, device=x.device)
         if self.transport.is_server:
             xs = x.to(self.solve_dtype)
             grad = sums[:d] / nm + lam * xs
             payload[d] = sums[d] / nm + lam / 2 * xs.dot(xs)
             payload[d + 1] = sums[d + 1]
-            step = self._server_direction(state, grad, beta)
-            ok = torch.isfinite(step).all()
-            payload[:d] = torch.where(ok, xs - step, xs)
-            state["skipped_steps"] += (~ok).to(torch.int64).cpu()
-            self._server_accumulate(state, rows, ridx, rcoef)
+            chol, refactored = self._current_factor(state, lam)
+            x_new = xs - self._server_direction(state, grad, beta, chol)
+            ok = torch.isfinite(x_new).all() & torch.isfinite(payload[d]) & (sums[d + 2] == 0)
+            payload[:d] = torch.where(ok, x_new, xs)
+            payload[d + 2] = ok
+            if bool(ok):
+                self._server_accumulate(state, rows, ridx, rcoef, chol, refactored)
         payload = self.transport.broadcast_from_server(payload)
 
         p.copy_(payload[:d].to(p.dtype).view_as(p))
-        state["h"] = h_new
+        if bool(payload[d + 2]):
+            state["h"] = h_new
+        else:
+            state["skipped_steps"] += 1
         state["step"] += 1
         if self.accounting == "paper":
             it_bits = acc.paper_iteration_bits(self.variant, self.compressor, self.m, d)
@@ -758,33 +1018,57 @@ class NewtonLearn(torch.optim.Optimizer):
         )
         return loss
 
-    def _server_direction(self, state: dict, grad: Tensor, beta: Tensor | None) -> Tensor:
-        """``(H^k + λI)⁻¹ ∇P`` (NL1/NL2) or minus the cubic step (CNL)."""
+    def _current_factor(self, state: dict, lam: float) -> tuple[Tensor | None, int]:
+        """The update solver's factor of ``H^k + λI`` for the group's current ``λ``:
+        ``(factor, 0)`` as kept, or ``(fresh factor, 1)`` when ``lam`` changed since it was made
+        (NaN when ``H^k + λI`` is not positive definite: the step is skipped). Committed to the
+        state only with an applied step. ``(None, 0)`` for the other solvers."""
+        if self.solver != "cholesky_update":
+            return None, 0
+        if state["chol_lam"] == lam:
+            return state["chol"], 0
+        chol, info = torch.linalg.cholesky_ex(_shifted(state["H"], lam))
+        return torch.where(info == 0, chol, torch.nan), 1
+
+    def _server_direction(
+        self, state: dict, grad: Tensor, beta: Tensor | None, chol: Tensor | None
+    ) -> Tensor:
+        """``(H^k + λI)⁻¹ ∇P`` (NL1/NL2; ``chol`` the update solver's factor) or minus the
+        cubic step (CNL)."""
         lam = self._lam
         if self.variant == "nl1":
-            if self.solver == "cholesky_update":
-                return _solve_with_factor(state["chol"], grad)
+            if chol is not None:
+                return _solve_with_factor(chol, grad)
             return newton_direction(_shifted(state["H"], lam), grad)
         Hk = beta * state["A"] - 2 * self.gamma * state["B"]
         if self.variant == "nl2":
             return newton_direction(_shifted(Hk, lam), grad)
         return -cubic_step(_shifted(Hk, lam), grad, self.cubic_reg)
 
-    def _server_accumulate(self, state: dict, rows: Tensor, idx: Tensor, coef: Tensor) -> None:
+    def _server_accumulate(
+        self,
+        state: dict,
+        rows: Tensor,
+        idx: Tensor,
+        coef: Tensor,
+        chol: Tensor | None = None,
+        refactored: int = 0,
+    ) -> None:
         """``H`` (or ``A``) ``+= Σ_t coef_t a_t a_tᵀ``; the update solver also moves the factor
-        one rank-one term at a time (refactoring if a downdate fails)."""
+        ``chol`` (of ``H + λI`` for the current ``λ``, see :meth:`_current_factor`) one rank-one
+        term at a time (refactoring if a downdate fails) and keeps it."""
         M = state["H" if self.variant == "nl1" else "A"]
         coef = coef.to(M.dtype)
         if rows.dtype != M.dtype:  # e.g. float32 features, float64 algebra
             rows, idx = rows.index_select(0, idx).to(M.dtype), torch.arange(idx.numel())
         _ext.gathered_outer_accumulate(M, rows, idx, coef)  # checks a host idx for free
-        if self.solver != "cholesky_update":
+        if chol is None:
             return
-        chol = state["chol"]
         for t in range(idx.numel()):
             chol, ok = cholesky_rank_one_update(chol, rows[idx[t]].to(M.dtype), coef[t])
             if not ok:
                 chol = torch.linalg.cholesky(_shifted(M, self._lam))
-                state["refactorizations"] += 1
+                refactored += 1
                 break
-        state["chol"] = chol
+        state["chol"], state["chol_lam"] = chol, float(self._lam)
+        state["refactorizations"] += refactored

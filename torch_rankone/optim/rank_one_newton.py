@@ -388,13 +388,14 @@ class RankOneNewton(SecondOrderOptimizer):
             y, solved = shifted_lowrank_solve(g, sketches, C, shift)
         else:
             y, solved = torch._foreach_div(g, shift), all_finite(mean_diag)
-        ok = solved & all_finite(loss, mean_diag)
+        ok = self._apply_masked(
+            groups, split_groups(y, groups), solved & all_finite(loss, mean_diag)
+        )
         for vo, vn in zip(v_old, v):
             vo.copy_(torch.where(ok, vn, vo))
         self.global_state["damping"] = (mean_diag * opts["damping"]).detach().to(g[0].dtype)
         if opts["rank"] > 1:
             self._push_sketch(params, u, h, opts["rank"])
-        self._apply_masked(groups, split_groups(y, groups), ok)
 
     def _sketches(self, params, u, h, rank: int) -> tuple[list[TensorList], list[TensorList]]:
         """The last ``rank`` sketch pairs ``(u_j, h_j)``, this step's last; the ``rank − 1``
@@ -450,6 +451,9 @@ class RankOneNewton(SecondOrderOptimizer):
             and not self._uses_weight_decay(groups)
             and not self._sharded  # the fused kernel's Gram would be this rank's piece only
             and not self._no_grad  # it updates every parameter
+            # the kernel checks lr/c and its coefficients, not lr·y: keep lr where that cannot
+            # overflow unless the gradient itself is near the dtype's limit
+            and (isinstance(lr, Tensor) or abs(lr) < torch.finfo(g[0].dtype).max ** 0.5)
         ):
             # One c and one lr: the fused solve-and-update (one reduction pass, one update pass).
             # lr = NaN vetoes the step on device when the loss or c is not finite.
