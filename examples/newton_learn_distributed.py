@@ -1,7 +1,8 @@
 """NewtonLearn (NL1, NL2, CNL) on a real LIBSVM dataset, over torch.distributed or simulated nodes.
 
 L2-regularised logistic regression split into ``n`` nodes of ``m`` rows as in the paper
-(seed 002, §4: a9a n = 80, m = 407; w8a n = 142, m = 350; the remainder rows are dropped),
+(Islamov, Qian & Richtárik, 2021, §4: a9a n = 80, m = 407; w8a n = 142, m = 350; the remainder
+rows are dropped),
 RandK(1) messages, ``λ = 1e-3``, run until ``P(x) − P* ≤ tol`` (``P*``: 20 float64 Newton
 iterations on the same rows). Prints iterations, communicated bits and wall time per variant.
 

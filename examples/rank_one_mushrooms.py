@@ -1,4 +1,5 @@
-"""Reproduces the experiments of the slides "Rank-one approximation of the Hessian" (seed 000).
+"""Reproduces the experiments of the slides "Rank-one approximation of the Hessian"
+(A. Semenov, 2025).
 
 Two problems, each optimised from x⁰ = 0 (x⁰ = 3 in 1-D) in float64:
 
