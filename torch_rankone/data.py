@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,7 +42,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CANONICAL_FEATURES", "SHA256", "data_dirs", "find_libsvm", "libsvm", "load_libsvm"]
+__all__ = [
+    "CANONICAL_FEATURES",
+    "MAX_DENSE_BYTES",
+    "SHA256",
+    "data_dirs",
+    "find_libsvm",
+    "libsvm",
+    "load_libsvm",
+]
 
 #: Number of features of each known dataset. Training files need not use the last indices
 #: (a1a stops at 119), so the count cannot be inferred from the file.
@@ -77,6 +86,8 @@ _DOWNLOAD_TIMEOUT_S = 20.0
 _GZIP_MAGIC = b"\x1f\x8b"
 # Tokens are joined by single spaces, so this finds a token with two or more colons.
 _TWO_COLONS = re.compile(r":[^ ]*:")
+#: Default bound on the size of a dense ``X`` (see :func:`load_libsvm`).
+MAX_DENSE_BYTES = 8 * 2**30
 
 
 def load_libsvm(
@@ -85,15 +96,23 @@ def load_libsvm(
     *,
     dtype: torch.dtype = torch.float64,
     sparse: bool = False,
+    max_dense_bytes: int | None = MAX_DENSE_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """Read a binary-classification dataset in LIBSVM/SVMlight text format.
 
     Args:
         path: The file, plain text or gzip-compressed (detected from its first bytes).
         n_features: Number of columns of ``X``. ``None`` uses the largest index in the file.
-        dtype: Floating dtype of ``X`` and ``y``.
+        dtype: Floating dtype of ``X`` and ``y`` (float64, float32, float16, bfloat16, ...).
+            Values are rounded to it; a value whose magnitude exceeds the dtype's range
+            (e.g. above 65504 in float16) is refused rather than stored as ``inf``.
         sparse: Return ``X`` as a ``torch.sparse_csr`` tensor instead of a dense one. It
-            stores exactly the entries listed in the file (explicit zeros included).
+            stores exactly the entries listed in the file (explicit zeros included), so its
+            memory does not depend on the number of columns.
+        max_dense_bytes: Largest dense ``X`` (``rows × n_features × itemsize`` bytes, default
+            8 GiB) that is allocated; a larger one is refused. One stray huge feature index
+            would otherwise ask for terabytes. ``None`` disables the bound; it does not apply
+            to ``sparse=True``.
 
     Returns:
         ``(X, y)``: ``X`` of shape ``(n_rows, n_features)`` and ``y`` of shape ``(n_rows,)``
@@ -101,21 +120,33 @@ def load_libsvm(
 
     Raises:
         ValueError: If the file is malformed (the message names the file and line), has no
-            rows, does not have exactly two distinct labels, or uses an index above
-            ``n_features``.
-        OSError: If the file cannot be read or decompressed.
+            rows, does not have exactly two distinct labels, uses an index above
+            ``n_features``, has a value out of ``dtype``'s range, or the dense ``X`` would
+            exceed ``max_dense_bytes``; or if ``dtype`` is not a floating dtype.
+        OSError: If the file cannot be read or decompressed (the message names the file).
     """
     if n_features is not None and n_features < 0:
         raise ValueError(f"n_features must be non-negative, got {n_features}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # An integer dtype would truncate 0.5 to 0 without a word.
+        raise ValueError(f"dtype must be a floating dtype such as torch.float32, got {dtype}")
+    if max_dense_bytes is not None and max_dense_bytes < 0:
+        raise ValueError(f"max_dense_bytes must be non-negative or None, got {max_dense_bytes}")
     path = Path(path)
-    text = _decompress(path.read_bytes()).decode("utf-8", errors="replace")
-    label, counts, index, value = _parse(text, str(path), n_features)
+    text = _decompress(path.read_bytes(), str(path)).decode("utf-8", errors="replace")
+    dense_limit = None if sparse else max_dense_bytes
+    label, counts, index, values = _parse(text, str(path), n_features, dtype, dense_limit)
     if n_features is None:
         n_features = int(index.max()) if index.size else 0
+    elif dense_limit is not None and len(counts) * n_features * values.element_size() > dense_limit:
+        raise ValueError(
+            f"{path}: n_features={n_features} makes the dense X "
+            + _dense_size(len(counts), n_features, dtype, dense_limit)
+            + "; pass sparse=True or a larger max_dense_bytes"
+        )
 
     shape = (len(counts), n_features)
     columns = torch.from_numpy(index - 1)
-    values = torch.from_numpy(value).to(dtype)
     if sparse:
         X = torch.sparse_csr_tensor(
             torch.from_numpy(np.concatenate(([0], np.cumsum(counts)))),
@@ -221,8 +252,13 @@ def _cache_dir() -> Path:
     return Path(base) / "torch_rankone" / "libsvm"
 
 
-def _decompress(data: bytes) -> bytes:
-    return gzip.decompress(data) if data.startswith(_GZIP_MAGIC) else data
+def _decompress(data: bytes, source: str) -> bytes:
+    if not data.startswith(_GZIP_MAGIC):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # bad CRC, truncated, corrupt stream
+        raise OSError(f"{source}: cannot decompress the gzip data: {exc}") from exc
 
 
 def _download(url: str, timeout: float) -> bytes:
@@ -238,7 +274,7 @@ def _download_to_cache(file: str) -> Path:
         reason = f"No SHA-256 is known for {file!r}, so it is not downloaded automatically."
     else:
         try:
-            text = _decompress(_download(url, _DOWNLOAD_TIMEOUT_S))
+            text = _decompress(_download(url, _DOWNLOAD_TIMEOUT_S), url)
         except OSError as exc:
             reason = f"Downloading {url} failed: {exc}"
         else:
@@ -283,9 +319,17 @@ def _token_error(token: str) -> str | None:
 
 
 def _parse(
-    text: str, source: str, n_features: int | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse LIBSVM text into (labels as +-1, nonzeros per row, 1-based indices, values)."""
+    text: str,
+    source: str,
+    n_features: int | None,
+    dtype: torch.dtype = torch.float64,
+    max_dense_bytes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
+    """Parse LIBSVM text into (labels as +-1, nonzeros per row, 1-based indices, values).
+
+    The values come back converted to ``dtype``. ``max_dense_bytes`` bounds the dense
+    ``rows × columns`` matrix (``None``: no bound).
+    """
     lines = text.split("\n")
     if "#" in text:
         lines = [line.partition("#")[0] for line in lines]
@@ -355,9 +399,35 @@ def _parse(
         ),
         (~np.isfinite(value), lambda k: f"feature value in {tokens[k]!r} is not finite"),
     ]
+    values = torch.from_numpy(value).to(dtype)
+    if dtype != torch.float64:  # the values are finite float64 numbers already
+        checks.append(
+            (
+                ~torch.isfinite(values).numpy(),
+                lambda k: (
+                    f"feature value in {tokens[k]!r} overflows {dtype} (its largest "
+                    f"finite value is {torch.finfo(dtype).max:g}); use a wider dtype"
+                ),
+            )
+        )
     if n_features is not None:
         checks.append(
             (index > n_features, lambda k: f"feature index {index[k]} > n_features={n_features}")
+        )
+    itemsize = dtype.itemsize
+    if max_dense_bytes is not None and n_features is None:
+        # Widest X that fits; a larger index is reported at its line before anything is allocated.
+        columns = max_dense_bytes // (itemsize * len(labels))
+        checks.append(
+            (
+                index > columns,
+                lambda k: (
+                    f"feature index {index[k]} makes the dense X "
+                    + _dense_size(len(labels), int(index[k]), dtype, max_dense_bytes)
+                    + "; pass sparse=True, n_features= (the true width: a stray index is then "
+                    "reported), or a larger max_dense_bytes"
+                ),
+            )
         )
     offenders = [(int(np.argmax(mask)), describe) for mask, describe in checks if mask.any()]
     if offenders:
@@ -376,7 +446,12 @@ def _parse(
             int(np.sort(first_row)[2]),
             f"a third distinct label appears; expected two, the file has {found}",
         )
-    return np.where(label == distinct[1], 1.0, -1.0), count, index, value
+    return np.where(label == distinct[1], 1.0, -1.0), count, index, values
+
+
+def _dense_size(rows: int, columns: int, dtype: torch.dtype, limit: int) -> str:
+    size = rows * columns * dtype.itemsize
+    return f"{rows} × {columns} {dtype} ({size / 2**30:.3g} GiB), above max_dense_bytes={limit}"
 
 
 def _not_a_number(text: str) -> bool:

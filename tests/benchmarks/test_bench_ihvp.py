@@ -70,7 +70,7 @@ def test_inverse_hvp_error_vs_hvps(mushrooms, request):
         lines.append(f"{'HVPs':>6s} " + " ".join(f"{m:>22s}" for m in ("Neumann", "LiSSA", "CG")))
         for K in BUDGETS:
             runs = {
-                "Neumann": lambda K=K, h=hvp, v=v, s=s: neumann_ihvp(h, v, K, s),
+                "Neumann": lambda K=K, h=hvp, v=v, s=s: neumann_ihvp(h, v, K, s, warn=False),
                 "LiSSA": lambda K=K, f=mb_factory, v=v, s=s: lissa_ihvp(
                     f(K), v, depth=K, scale=1.5 * s
                 ),
