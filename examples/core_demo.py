@@ -85,7 +85,11 @@ def main() -> list[tuple[str, float, int, float]]:
     solve_ref = torch.linalg.solve(H, v)
     s = 1.05 * float(eig[-1])
     for K in (10, 100, 1000):
-        record(f"neumann_ihvp, K={K}", solve_ref, lambda K=K: linalg.neumann_ihvp(hv, v, K, s, warn=False))
+        record(
+            f"neumann_ihvp, K={K}",
+            solve_ref,
+            lambda K=K: linalg.neumann_ihvp(hv, v, K, s, warn=False),
+        )
     record("cg_ihvp", solve_ref, lambda: linalg.cg_ihvp(hv, v, rtol=1e-12, max_iters=1000))
 
     def lissa():
