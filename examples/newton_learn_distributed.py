@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch_rankone import NewtonLearn
 from torch_rankone.data import libsvm
 from torch_rankone.distributed import RandK
-from torch_rankone.optim.newton_learn import glm_newton
+from torch_rankone.glm import glm_newton
 
 PAPER_SPLITS = {"a9a": (80, 407), "w8a": (142, 350), "a7a": (100, 161), "a2a": (15, 151)}
 

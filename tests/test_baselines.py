@@ -11,7 +11,7 @@ from torch.func import grad, hessian
 
 from torch_rankone.distributed import Identity, NaturalCompression, RandK, RandomDithering, TopK
 from torch_rankone.distributed import baselines as bl
-from torch_rankone.optim.newton_learn import glm_newton
+from torch_rankone.glm import glm_newton
 
 N_NODES, M, D, LAM = 3, 6, 5, 0.1
 

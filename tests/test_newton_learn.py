@@ -23,12 +23,8 @@ from torch_rankone.distributed import (
     RandomDithering,
     TopK,
 )
-from torch_rankone.optim.newton_learn import (
-    cholesky_rank_one_update,
-    cubic_step,
-    glm_loss,
-    glm_newton,
-)
+from torch_rankone.glm import glm_loss, glm_newton
+from torch_rankone.linalg import cholesky_rank_one_update, cubic_step
 
 LAM = 1e-3
 VARIANTS_ALL = ("nl1", "nl2", "cnl")

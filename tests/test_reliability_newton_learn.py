@@ -20,7 +20,7 @@ import torch
 
 from torch_rankone import NewtonLearn
 from torch_rankone.distributed import RandK
-from torch_rankone.optim.newton_learn import GLMLoss
+from torch_rankone.glm import GLMLoss
 
 LAM = 1e-3
 N_NODES, M_ROWS, D = 4, 25, 6

@@ -1,11 +1,13 @@
 """torch_rankone: second-order optimizers for PyTorch.
 
 Modules: :mod:`~torch_rankone.curvature` (HVPs, per-sample gradients, top
-eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HVPs, seed-001
-inverse-gradient HVPs, incremental inverses), :mod:`~torch_rankone.data` (LIBSVM datasets).
+eigenvalue), :mod:`~torch_rankone.linalg` (Woodbury, Neumann/LiSSA/CG inverse-HVPs,
+inverse-gradient HVPs, incremental inverses, dense Newton and cubic steps),
+:mod:`~torch_rankone.glm` (the generalised linear model NewtonLearn solves),
+:mod:`~torch_rankone.data` (LIBSVM datasets).
 """
 
-from . import curvature, data, distributed, influence, linalg, optim
+from . import curvature, data, distributed, glm, influence, linalg, optim
 from ._ext import has_extension
 from .optim import FisherNewton, NeumannIHVP, NewtonLearn, RankOneNewton
 
@@ -14,6 +16,7 @@ __version__ = "0.2.0"
 __all__ = [
     "curvature",
     "linalg",
+    "glm",
     "data",
     "influence",
     "optim",

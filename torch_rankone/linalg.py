@@ -53,6 +53,11 @@ __all__ = [
     "cg_ihvp",
     "ihvp_inverse_gradient",
     "IncrementalInverse",
+    "shifted",
+    "newton_direction",
+    "solve_with_factor",
+    "cholesky_rank_one_update",
+    "cubic_step",
 ]
 
 Vector = Tensor | Sequence[Tensor]
@@ -682,3 +687,111 @@ class IncrementalInverse:
     def solve(self, b: Tensor) -> Tensor:
         """``M⁻¹ b`` for a vector or a matrix of column vectors."""
         return self._inv @ b.to(self._inv)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense d×d algebra (NewtonLearn's server, exact Newton)
+# --------------------------------------------------------------------------------------------
+
+
+def shifted(H: Tensor, lam: float) -> Tensor:
+    """``H + λI`` as a new matrix."""
+    out = H.clone()
+    out.diagonal().add_(lam)
+    return out
+
+
+def newton_direction(Hreg: Tensor, g: Tensor) -> Tensor:
+    """``Hreg⁻¹ g`` by Cholesky; NaN (never garbage) when ``Hreg`` is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(Hreg)
+    return solve_with_factor(L, g, info == 0)
+
+
+def solve_with_factor(L: Tensor, g: Tensor, ok: Tensor | bool = True) -> Tensor:
+    """``(L Lᵀ)⁻¹ g`` from a Cholesky factor; NaN where ``ok`` is False."""
+    y = torch.cholesky_solve(g[:, None], L).squeeze(1)
+    return torch.where(torch.as_tensor(ok, device=y.device), y, torch.nan)
+
+
+def cholesky_rank_one_update(L: Tensor, z: Tensor, alpha: float | Tensor) -> tuple[Tensor, bool]:
+    """The Cholesky factor of ``L Lᵀ + α z zᵀ`` in ``O(d²)`` (update for α > 0, downdate α < 0).
+
+    With ``p = L⁻¹ z``, ``L Lᵀ + α z zᵀ = L (I + α p pᵀ) Lᵀ`` and ``I + α p pᵀ = M D Mᵀ`` with
+    ``M`` unit lower triangular, ``M_rj = β_j p_r`` (``r > j``): Gill, Golub, Murray and
+    Saunders' method C1 (Math. Comp. 1974) with ``D = I``, whose recurrence
+    ``1/α_{j+1} = 1/α_j + p_j²`` is a cumulative sum, ``D_jj = α_j/α_{j+1}``,
+    ``β_j = p_j α_{j+1}``. Then ``L' = (L M) D^{1/2}`` and column ``j`` of ``L M`` is
+    ``L_j + β_j Σ_{r>j} p_r L_r`` (a reverse cumulative sum): vector operations only.
+
+    Returns ``(L', ok)``; ``ok`` is False when the downdate leaves the positive definite cone
+    (or rounding makes it look so) — the caller refactors then.
+    """
+    p = torch.linalg.solve_triangular(L, z[:, None], upper=False).squeeze(1)
+    inv_next = 1.0 / alpha + torch.cumsum(p * p, 0)  # 1/α_{j+1}
+    inv = torch.cat([inv_next.new_full((1,), 1.0 / float(alpha)), inv_next[:-1]])  # 1/α_j
+    dbar = inv_next / inv
+    beta = p / inv_next
+    Lp = L * p
+    tail = Lp.flip(1).cumsum(1).flip(1) - Lp  # Σ_{r>j} p_r L[:, r]
+    out = (L + tail * beta) * dbar.clamp_min(0).sqrt()
+    ok = bool((dbar > 0).all()) and bool(torch.isfinite(out).all())
+    return out, ok
+
+
+def cubic_step(
+    Hreg: Tensor, g: Tensor, M: float, *, tol: float = 1e-15, max_iter: int = 100
+) -> Tensor:
+    """The exact minimiser ``s`` of ``⟨g, s⟩ + ½⟨Hreg s, s⟩ + (M/6)‖s‖³`` (Nesterov–Polyak).
+
+    ``s`` is characterised by ``(Hreg + (M r/2) I) s = −g``, ``r = ‖s‖``,
+    ``Hreg + (M r/2) I ⪰ 0``. With ``Hreg = Q diag(μ) Qᵀ`` (one eigendecomposition) and
+    ``g̃ = Qᵀ g``, ``w(r) = ‖g̃ / (μ + M r/2)‖`` decreases on ``r > r_lo = max(0, −2μ_min/M)``
+    and the root of ``w(r) = r`` lies in ``[r_lo, r_hi]``,
+    ``r_hi = (−μ_min + sqrt(μ_min² + 2M‖g‖))/M``. It is found by Newton's method on the
+    secular equation ``1/w(r) − 1/r = 0`` (nearly linear in ``r``), safeguarded by bisection.
+    Hard case (``g`` orthogonal to the bottom eigenvectors and ``w(r_lo) < r_lo``): ``r = r_lo``
+    and the missing norm goes along the bottom eigenvector. ``M = 0``: the Newton step
+    (``Hreg`` must be positive definite). The 1-D solve runs on the host in float64.
+    Non-finite ``Hreg`` or ``g`` (or an eigendecomposition that fails): NaN, as
+    :func:`newton_direction` (the caller skips the step).
+    """
+    if M == 0:
+        return -newton_direction(Hreg, g)
+    if not bool(torch.isfinite(Hreg).all() & torch.isfinite(g).all()):
+        return torch.full_like(g, math.nan)
+    try:
+        mu, Q = torch.linalg.eigh(Hreg)
+    except torch.linalg.LinAlgError:
+        return torch.full_like(g, math.nan)
+    gt = Q.T @ g
+    mu_h, gt_h = mu.double().cpu(), gt.double().cpu()
+    mu_min = float(mu_h[0])
+    g2 = gt_h * gt_h
+    lo = max(0.0, -2.0 * mu_min / M)
+    hi = max(lo, (-mu_min + math.sqrt(mu_min**2 + 2 * M * float(g2.sum().sqrt()))) / M)
+
+    shift_lo = mu_h + M * lo / 2
+    # eigen-directions whose shifted curvature vanishes at r_lo (only when μ_min ≤ 0)
+    keep = shift_lo > 1e-12 * max(1.0, float(mu_h.abs().max()))
+    coef = torch.where(keep, -gt_h / torch.where(keep, shift_lo, 1.0), 0.0)
+    if not bool(keep.all()) and float(coef.norm()) <= lo:
+        # hard case: those directions carry no gradient; r = r_lo and the missing norm goes
+        # along the bottom eigenvector
+        coef[0] = math.sqrt(max(lo * lo - float((coef * coef).sum()), 0.0))
+        return Q @ coef.to(Q.dtype).to(Q.device)
+    r = hi
+    for _ in range(max_iter):
+        shift = mu_h + M * r / 2
+        wr = float((g2 / shift**2).sum().sqrt())
+        if abs(wr - r) <= tol * r or hi - lo <= tol * hi:
+            break
+        if wr > r:
+            lo = r
+        else:
+            hi = r
+        # F(r) = 1/w − 1/r,  F'(r) = (M/2) Σ g̃²/shift³ / w³ + 1/r²
+        f = 1.0 / wr - 1.0 / r
+        df = (M / 2) * float((g2 / shift**3).sum()) / wr**3 + 1.0 / r**2
+        r_new = r - f / df
+        r = r_new if lo < r_new < hi else 0.5 * (lo + hi)
+    return -(Q @ (gt / (mu + M * r / 2)))

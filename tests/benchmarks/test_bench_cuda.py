@@ -324,7 +324,7 @@ def _dataset(name: str):
 
 @functools.cache
 def _optimum(name: str) -> float:
-    from torch_rankone.optim.newton_learn import glm_newton
+    from torch_rankone.glm import glm_newton
 
     A, b = _dataset(name)
     _, values = glm_newton(A.to(DEV), b.to(DEV), lam=LAM, iterations=20)

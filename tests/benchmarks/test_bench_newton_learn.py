@@ -33,13 +33,9 @@ import pytest
 import torch
 
 from torch_rankone import NewtonLearn, _ext
-from torch_rankone.optim.newton_learn import (
-    _shifted,
-    glm_newton,
-    glm_node_terms,
-    learn_coefficients,
-    newton_direction,
-)
+from torch_rankone.glm import glm_newton, glm_node_terms
+from torch_rankone.linalg import newton_direction, shifted
+from torch_rankone.optim.newton_learn import learn_coefficients
 
 RESULTS = Path(__file__).parent / "results" / "newton_learn_cpu.txt"
 N_NODES, M_ROWS, LAM = 142, 350, 1e-3
@@ -128,7 +124,7 @@ def test_phase_accumulation(benchmark):
 def test_phase_solve(benchmark):
     opt, state, xv, grad_sum, _ = _phase_inputs()
     g = grad_sum / (N_NODES * M_ROWS) + LAM * xv
-    _time(benchmark, "solve", lambda: newton_direction(_shifted(state["H"], LAM), g))
+    _time(benchmark, "solve", lambda: newton_direction(shifted(state["H"], LAM), g))
 
 
 def test_full_nl1_step(benchmark):
@@ -145,7 +141,7 @@ def test_exact_newton_iteration(benchmark):
     def newton():
         _, grad_sum, hx = glm_node_terms(opt._shard, opt._targets, xv, opt.loss)
         H = opt._shard.weighted_gram(hx) / N
-        return newton_direction(_shifted(H, LAM), grad_sum / N + LAM * xv)
+        return newton_direction(shifted(H, LAM), grad_sum / N + LAM * xv)
 
     _time(benchmark, "exact Newton iteration", newton, rounds=5)
 

@@ -2,7 +2,7 @@
 the parameter-server protocol over simulated nodes or ``torch.distributed``, and the paper's
 baselines (Newton, DCGD, DIANA, ADIANA, BFGS, DINGO) with the same accounting."""
 
-from . import accounting, baselines, compressors, protocol
+from . import accounting, baselines, compressors, transports
 from .compressors import (
     Bernoulli,
     Compressor,
@@ -12,13 +12,13 @@ from .compressors import (
     RandomDithering,
     TopK,
 )
-from .protocol import ProtocolError
+from .transports import ProtocolError
 
 __all__ = [
     "accounting",
     "baselines",
     "compressors",
-    "protocol",
+    "transports",
     "Compressor",
     "Identity",
     "RandK",

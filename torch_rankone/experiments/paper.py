@@ -41,7 +41,8 @@ from ..data import libsvm
 from ..distributed import NaturalCompression, RandK, RandomDithering
 from ..distributed import baselines as bl
 from ..distributed.accounting import ACCOUNTINGS
-from ..optim.newton_learn import NewtonLearn, glm_newton
+from ..glm import glm_newton
+from ..optim.newton_learn import NewtonLearn
 
 __all__ = ["DATASETS", "MethodRun", "check_claims", "main", "optimum", "run_dataset", "wallclock"]
 

@@ -50,9 +50,8 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,172 +61,21 @@ from .. import _ext
 from .._random import owned_generator
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, RandK
-from ..distributed.protocol import CollectiveTransport, ProtocolError, SimulatedTransport
+from ..distributed.transports import CollectiveTransport, ProtocolError, SimulatedTransport
+from ..glm import GLMShard, data_error, glm_loss, glm_node_terms
+from ..linalg import (
+    cholesky_rank_one_update,
+    cubic_step,
+    newton_direction,
+    shifted,
+    solve_with_factor,
+)
 
-__all__ = [
-    "GLMLoss",
-    "NewtonLearn",
-    "glm_loss",
-    "glm_newton",
-    "learn_coefficients",
-    "newton_direction",
-    "cubic_step",
-    "cholesky_rank_one_update",
-]
+__all__ = ["NewtonLearn", "learn_coefficients"]
 
 VARIANTS = ("nl1", "nl2", "cnl")
 SOLVERS = ("cholesky", "cholesky_update")
 MAX_FLOAT64_SOLVE = 4096  # d up to which the d×d algebra defaults to float64
-SPARSE_DENSITY = 0.25  # below this fraction of nonzeros the matvecs go through CSR copies
-
-
-# --------------------------------------------------------------------------------------------
-# The loss φ(t, b) and its derivatives
-# --------------------------------------------------------------------------------------------
-
-
-class GLMLoss(NamedTuple):
-    """``φ``, ``φ'``, ``φ''`` (elementwise in the margin ``t`` and label ``b``); ``gamma`` =
-    sup|φ''| and ``nu`` = sup|φ'''| where known (``None`` for a custom loss)."""
-
-    value: Callable[[Tensor, Tensor], Tensor]
-    d1: Callable[[Tensor, Tensor], Tensor]
-    d2: Callable[[Tensor, Tensor], Tensor]
-    gamma: float | None
-    nu: float | None
-
-
-def _logistic(t: Tensor, b: Tensor) -> Tensor:
-    return torch.nn.functional.softplus(-b * t)
-
-
-def _squared(t: Tensor, b: Tensor) -> Tensor:
-    return 0.5 * (t - b) ** 2
-
-
-_BUILTIN = {
-    # φ = log(1 + e^{−bt}); φ' = −b σ(−bt); φ'' = b² σ(bt) σ(−bt) ≤ 1/4 (b = ±1);
-    # |φ'''| = |σ(1−σ)(1−2σ)| ≤ 1/(6√3)
-    "logistic": GLMLoss(
-        _logistic,
-        lambda t, b: -b * torch.sigmoid(-b * t),
-        lambda t, b: b * b * torch.sigmoid(b * t) * torch.sigmoid(-b * t),
-        0.25,
-        1.0 / (6.0 * math.sqrt(3.0)),
-    ),
-    "squared": GLMLoss(_squared, lambda t, b: t - b, lambda t, b: torch.ones_like(t + b), 1.0, 0.0),
-}
-
-
-def glm_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> GLMLoss:
-    """``"logistic"``, ``"squared"`` (closed forms) or a twice-differentiable scalar function
-    ``φ(t, b)`` of torch scalars, whose ``φ'`` and ``φ''`` come from ``torch.func``
-    (``vmap(grad(φ))``, ``vmap(grad(grad(φ)))``) and are applied elementwise."""
-    if isinstance(loss, str):
-        if loss not in _BUILTIN:
-            raise ValueError(f"loss must be one of {sorted(_BUILTIN)} or a callable, got {loss!r}")
-        return _BUILTIN[loss]
-    if not callable(loss):
-        raise TypeError(f"loss must be a string or a callable phi(t, b), got {type(loss).__name__}")
-    from torch.func import grad, vmap
-
-    d1 = grad(loss)
-    return GLMLoss(vmap(loss), vmap(d1), vmap(grad(d1)), None, None)
-
-
-# --------------------------------------------------------------------------------------------
-# Node side
-# --------------------------------------------------------------------------------------------
-
-
-class _Shard:
-    """A node-side feature matrix for the matrix products and the rows of the learning messages.
-
-    Dense input keeps the dense rows (gathered for the Hessian updates) and, when sparse enough,
-    CSR copies of ``A`` and ``Aᵀ`` for the products (w8a is 4 % dense: about 20× faster margins
-    and gradients than dense products). Sparse CSR/COO input below that density stays sparse
-    (``A`` and ``Aᵀ`` in CSR, no dense copy): the few rows a step sends are gathered from the
-    CSR arrays. Sparse input at or above it is densified once, where dense products are faster
-    and cost at most about twice the CSR's memory.
-    """
-
-    def __init__(self, A: Tensor) -> None:
-        self.A: Tensor | None = None
-        self.csr = self.csr_t = None
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            if A.layout == torch.sparse_coo:
-                A = A.coalesce().to_sparse_csr()  # duplicates add up, as in to_dense()
-            if A.layout == torch.sparse_csr:
-                if A.values().numel() < SPARSE_DENSITY * max(A.numel(), 1):
-                    self.csr, self.csr_t = A, A.t().to_sparse_csr()
-                    return
-                A = A.to_dense()
-            self.A = A.contiguous()
-            density = float((A != 0).sum()) / max(A.numel(), 1)
-            if density < SPARSE_DENSITY:
-                self.csr = self.A.to_sparse_csr()
-                self.csr_t = self.A.T.contiguous().to_sparse_csr()
-
-    def mv(self, x: Tensor) -> Tensor:
-        """``A x``."""
-        return (self.csr if self.csr is not None else self.A) @ x
-
-    def rmm(self, W: Tensor) -> Tensor:
-        """``Aᵀ W`` for a vector or matrix ``W``."""
-        return self.csr_t @ W if self.csr_t is not None else self.A.T @ W
-
-    def _entry_rows(self) -> Tensor:
-        """The row of each stored entry of the CSR copy."""
-        crow = self.csr.crow_indices()
-        return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
-
-    def weighted_gram(self, w: Tensor) -> Tensor:
-        """``Aᵀ diag(w) A`` (a node's local Hessian model, sent once at initialisation)."""
-        if self.A is not None:
-            return self.rmm(self.A * w[:, None])
-        csr = self.csr
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            scaled = torch.sparse_csr_tensor(
-                csr.crow_indices(),
-                csr.col_indices(),
-                csr.values() * w[self._entry_rows()],
-                csr.shape,
-                check_invariants=False,  # the structure of a valid CSR tensor
-            )
-            return (self.csr_t @ scaled).to_dense()
-
-    def rows(self, idx: Tensor) -> Tensor:
-        """The dense rows ``A[idx]`` (``(len(idx), d)``)."""
-        if self.A is not None:
-            return self.A.index_select(0, idx)
-        crow, col, val = self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()
-        idx = idx.to(crow.device)
-        start, count = crow[idx], crow[idx + 1] - crow[idx]
-        owner = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), count)
-        # position of each gathered entry in the CSR arrays: its row's start + its rank in the row
-        first = torch.cumsum(count, 0) - count
-        pos = start[owner] + torch.arange(owner.numel(), device=idx.device) - first[owner]
-        out = val.new_zeros(idx.numel(), self.csr.shape[1])
-        return out.index_put_((owner, col[pos]), val[pos], accumulate=True)
-
-    def max_row_norm(self) -> Tensor:
-        """``max_j ‖a_j‖`` (0-d)."""
-        if self.A is not None:
-            return self.A.norm(dim=1).amax()
-        val = self.csr.values()
-        sq = val.new_zeros(self.csr.shape[0]).index_add_(0, self._entry_rows(), val * val)
-        return sq.sqrt().amax()
-
-
-def glm_node_terms(
-    shard: _Shard, b: Tensor, x: Tensor, loss: GLMLoss
-) -> tuple[Tensor, Tensor, Tensor]:
-    """What the nodes compute at ``x``, summed over their rows: ``(Σ φ, Σ φ' a, h)`` with
-    ``h = φ''(Ax, b)`` per row. One product ``Ax`` and one ``Aᵀφ'`` for all local nodes."""
-    t = shard.mv(x)
-    return loss.value(t, b).sum(), shard.rmm(loss.d1(t, b)), loss.d2(t, b)
 
 
 def learn_coefficients(
@@ -248,170 +96,8 @@ def learn_coefficients(
 
 
 # --------------------------------------------------------------------------------------------
-# Server side: the d×d algebra
-# --------------------------------------------------------------------------------------------
-
-
-def _shifted(H: Tensor, lam: float) -> Tensor:
-    out = H.clone()
-    out.diagonal().add_(lam)
-    return out
-
-
-def newton_direction(Hreg: Tensor, g: Tensor) -> Tensor:
-    """``Hreg⁻¹ g`` by Cholesky; NaN (never garbage) when ``Hreg`` is not positive definite."""
-    L, info = torch.linalg.cholesky_ex(Hreg)
-    return _solve_with_factor(L, g, info == 0)
-
-
-def _solve_with_factor(L: Tensor, g: Tensor, ok: Tensor | bool = True) -> Tensor:
-    y = torch.cholesky_solve(g[:, None], L).squeeze(1)
-    return torch.where(torch.as_tensor(ok, device=y.device), y, torch.nan)
-
-
-def cholesky_rank_one_update(L: Tensor, z: Tensor, alpha: float | Tensor) -> tuple[Tensor, bool]:
-    """The Cholesky factor of ``L Lᵀ + α z zᵀ`` in ``O(d²)`` (update for α > 0, downdate α < 0).
-
-    With ``p = L⁻¹ z``, ``L Lᵀ + α z zᵀ = L (I + α p pᵀ) Lᵀ`` and ``I + α p pᵀ = M D Mᵀ`` with
-    ``M`` unit lower triangular, ``M_rj = β_j p_r`` (``r > j``): Gill, Golub, Murray and
-    Saunders' method C1 (Math. Comp. 1974) with ``D = I``, whose recurrence
-    ``1/α_{j+1} = 1/α_j + p_j²`` is a cumulative sum, ``D_jj = α_j/α_{j+1}``,
-    ``β_j = p_j α_{j+1}``. Then ``L' = (L M) D^{1/2}`` and column ``j`` of ``L M`` is
-    ``L_j + β_j Σ_{r>j} p_r L_r`` (a reverse cumulative sum): vector operations only.
-
-    Returns ``(L', ok)``; ``ok`` is False when the downdate leaves the positive definite cone
-    (or rounding makes it look so) — the caller refactors then.
-    """
-    p = torch.linalg.solve_triangular(L, z[:, None], upper=False).squeeze(1)
-    inv_next = 1.0 / alpha + torch.cumsum(p * p, 0)  # 1/α_{j+1}
-    inv = torch.cat([inv_next.new_full((1,), 1.0 / float(alpha)), inv_next[:-1]])  # 1/α_j
-    dbar = inv_next / inv
-    beta = p / inv_next
-    Lp = L * p
-    tail = Lp.flip(1).cumsum(1).flip(1) - Lp  # Σ_{r>j} p_r L[:, r]
-    out = (L + tail * beta) * dbar.clamp_min(0).sqrt()
-    ok = bool((dbar > 0).all()) and bool(torch.isfinite(out).all())
-    return out, ok
-
-
-def cubic_step(
-    Hreg: Tensor, g: Tensor, M: float, *, tol: float = 1e-15, max_iter: int = 100
-) -> Tensor:
-    """The exact minimiser ``s`` of ``⟨g, s⟩ + ½⟨Hreg s, s⟩ + (M/6)‖s‖³`` (Nesterov–Polyak).
-
-    ``s`` is characterised by ``(Hreg + (M r/2) I) s = −g``, ``r = ‖s‖``,
-    ``Hreg + (M r/2) I ⪰ 0``. With ``Hreg = Q diag(μ) Qᵀ`` (one eigendecomposition) and
-    ``g̃ = Qᵀ g``, ``w(r) = ‖g̃ / (μ + M r/2)‖`` decreases on ``r > r_lo = max(0, −2μ_min/M)``
-    and the root of ``w(r) = r`` lies in ``[r_lo, r_hi]``,
-    ``r_hi = (−μ_min + sqrt(μ_min² + 2M‖g‖))/M``. It is found by Newton's method on the
-    secular equation ``1/w(r) − 1/r = 0`` (nearly linear in ``r``), safeguarded by bisection.
-    Hard case (``g`` orthogonal to the bottom eigenvectors and ``w(r_lo) < r_lo``): ``r = r_lo``
-    and the missing norm goes along the bottom eigenvector. ``M = 0``: the Newton step
-    (``Hreg`` must be positive definite). The 1-D solve runs on the host in float64.
-    Non-finite ``Hreg`` or ``g`` (or an eigendecomposition that fails): NaN, as
-    :func:`newton_direction` (the caller skips the step).
-    """
-    if M == 0:
-        return -newton_direction(Hreg, g)
-    if not bool(torch.isfinite(Hreg).all() & torch.isfinite(g).all()):
-        return torch.full_like(g, math.nan)
-    try:
-        mu, Q = torch.linalg.eigh(Hreg)
-    except torch.linalg.LinAlgError:
-        return torch.full_like(g, math.nan)
-    gt = Q.T @ g
-    mu_h, gt_h = mu.double().cpu(), gt.double().cpu()
-    mu_min = float(mu_h[0])
-    g2 = gt_h * gt_h
-    lo = max(0.0, -2.0 * mu_min / M)
-    hi = max(lo, (-mu_min + math.sqrt(mu_min**2 + 2 * M * float(g2.sum().sqrt()))) / M)
-
-    shift_lo = mu_h + M * lo / 2
-    # eigen-directions whose shifted curvature vanishes at r_lo (only when μ_min ≤ 0)
-    keep = shift_lo > 1e-12 * max(1.0, float(mu_h.abs().max()))
-    coef = torch.where(keep, -gt_h / torch.where(keep, shift_lo, 1.0), 0.0)
-    if not bool(keep.all()) and float(coef.norm()) <= lo:
-        # hard case: those directions carry no gradient; r = r_lo and the missing norm goes
-        # along the bottom eigenvector
-        coef[0] = math.sqrt(max(lo * lo - float((coef * coef).sum()), 0.0))
-        return Q @ coef.to(Q.dtype).to(Q.device)
-    r = hi
-    for _ in range(max_iter):
-        shift = mu_h + M * r / 2
-        wr = float((g2 / shift**2).sum().sqrt())
-        if abs(wr - r) <= tol * r or hi - lo <= tol * hi:
-            break
-        if wr > r:
-            lo = r
-        else:
-            hi = r
-        # F(r) = 1/w − 1/r,  F'(r) = (M/2) Σ g̃²/shift³ / w³ + 1/r²
-        f = 1.0 / wr - 1.0 / r
-        df = (M / 2) * float((g2 / shift**3).sum()) / wr**3 + 1.0 / r**2
-        r_new = r - f / df
-        r = r_new if lo < r_new < hi else 0.5 * (lo + hi)
-    return -(Q @ (gt / (mu + M * r / 2)))
-
-
-def glm_newton(
-    features: Tensor,
-    targets: Tensor,
-    *,
-    loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-    lam: float = 1e-3,
-    iterations: int = 25,
-    x0: Tensor | None = None,
-) -> tuple[Tensor, list[float]]:
-    """Exact Newton on ``P`` in float64: ``x ← x − ∇²P(x)⁻¹ ∇P(x)``; returns ``(x, [P(x^k)])``
-    (``P(x^k)`` for ``k = 0..iterations``). The optimum (20+ Newton iterations) and the
-    baseline of the benchmarks."""
-    A, b = features.double(), targets.double()
-    shard, phi = _Shard(A), glm_loss(loss)
-    x = torch.zeros(A.shape[1], dtype=A.dtype, device=A.device) if x0 is None else x0.to(A).clone()
-    values = []
-    for _ in range(iterations + 1):
-        t = shard.mv(x)
-        values.append(float(phi.value(t, b).mean() + lam / 2 * x.dot(x)))
-        if len(values) > iterations:
-            break
-        g = shard.rmm(phi.d1(t, b)) / len(b) + lam * x
-        x = x - newton_direction(_shifted(shard.weighted_gram(phi.d2(t, b)) / len(b), lam), g)
-    return x, values
-
-
-# --------------------------------------------------------------------------------------------
 # The optimizer
 # --------------------------------------------------------------------------------------------
-
-
-def _data_error(shard: _Shard, targets: Tensor, loss: str | Callable) -> str | None:
-    """Why the data cannot be used with ``loss`` (``None``: it can). Non-finite entries would
-    make every step a skipped one; the logistic loss ``log(1 + e^{−bt})`` is defined for
-    ``b = ±1``: a row labelled 0 adds ``log 2`` whatever ``x`` (it would be silently ignored) and
-    other values rescale the margin."""
-    values = shard.A if shard.A is not None else shard.csr.values()
-    bad = int((~torch.isfinite(values)).sum())
-    if bad:
-        return f"features must be finite; {bad} entries are NaN or ±inf"
-    bad = int((~torch.isfinite(targets)).sum()) if targets.is_floating_point() else 0
-    if bad:
-        return f"targets must be finite; {bad} of them are NaN or ±inf"
-    if loss != "logistic" or bool(((targets == 1) | (targets == -1)).all()):
-        return None
-    seen = torch.unique(targets).tolist()
-    shown = ", ".join(f"{v:g}" for v in seen[:6]) + (", ..." if len(seen) > 6 else "")
-    why = (
-        "loss='logistic' needs targets in {-1, +1} (a row labelled 0 would add log 2 whatever x, "
-        f"i.e. be ignored); got {len(seen)} distinct values {{{shown}}}: "
-    )
-    if set(seen) <= {0, 1}:
-        return why + "map {0, 1} labels with 2*y - 1"
-    if len(seen) == 2:
-        return why + "map them with torch.where(y == y.max(), 1.0, -1.0)"
-    return why + (
-        "the logistic loss is binary; for class c against the rest use "
-        "torch.where(y == c, 1.0, -1.0)"
-    )
 
 
 def _check_positive(name: str, value: Any, *, strict: bool = True) -> float:
@@ -626,9 +312,9 @@ class NewtonLearn(torch.optim.Optimizer):
         self.solve_dtype = solve_dtype or (
             torch.float64 if d <= MAX_FLOAT64_SOLVE else features.dtype
         )
-        self._shard, self._targets = _Shard(features), targets
+        self._shard, self._targets = GLMShard(features), targets
         self._loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss))
-        data_error = _data_error(self._shard, targets, loss)
+        refusal = data_error(self._shard, targets, loss)
         try:  # every rank learns whether some rank's data was refused: none goes on alone
             self.transport.check_agreement(
                 dict(
@@ -641,15 +327,15 @@ class NewtonLearn(torch.optim.Optimizer):
                     variant=VARIANTS.index(variant),
                     option=option,
                     solver=SOLVERS.index(solver),
-                    finite_features_and_valid_targets=int(data_error is None),
+                    finite_features_and_valid_targets=int(refusal is None),
                 )
             )
         except ProtocolError:
-            if data_error is not None:
-                raise ValueError(data_error) from None
+            if refusal is not None:
+                raise ValueError(refusal) from None
             raise
-        if data_error is not None:
-            raise ValueError(data_error)
+        if refusal is not None:
+            raise ValueError(refusal)
 
         self.generator = generator
         if generator is None:
@@ -701,7 +387,7 @@ class NewtonLearn(torch.optim.Optimizer):
         if self.variant == "nl1":
             state["H"] = mats[0].contiguous()
             if self.solver == "cholesky_update":
-                state["chol"] = torch.linalg.cholesky(_shifted(state["H"], self._lam))
+                state["chol"] = torch.linalg.cholesky(shifted(state["H"], self._lam))
                 state["chol_lam"] = float(self._lam)  # λ of the factor: refactor when it changes
                 state["refactorizations"] = 0
         else:
@@ -1027,7 +713,7 @@ class NewtonLearn(torch.optim.Optimizer):
             return None, 0
         if state["chol_lam"] == lam:
             return state["chol"], 0
-        chol, info = torch.linalg.cholesky_ex(_shifted(state["H"], lam))
+        chol, info = torch.linalg.cholesky_ex(shifted(state["H"], lam))
         return torch.where(info == 0, chol, torch.nan), 1
 
     def _server_direction(
@@ -1038,12 +724,12 @@ class NewtonLearn(torch.optim.Optimizer):
         lam = self._lam
         if self.variant == "nl1":
             if chol is not None:
-                return _solve_with_factor(chol, grad)
-            return newton_direction(_shifted(state["H"], lam), grad)
+                return solve_with_factor(chol, grad)
+            return newton_direction(shifted(state["H"], lam), grad)
         Hk = beta * state["A"] - 2 * self.gamma * state["B"]
         if self.variant == "nl2":
-            return newton_direction(_shifted(Hk, lam), grad)
-        return -cubic_step(_shifted(Hk, lam), grad, self.cubic_reg)
+            return newton_direction(shifted(Hk, lam), grad)
+        return -cubic_step(shifted(Hk, lam), grad, self.cubic_reg)
 
     def _server_accumulate(
         self,
@@ -1067,7 +753,7 @@ class NewtonLearn(torch.optim.Optimizer):
         for t in range(idx.numel()):
             chol, ok = cholesky_rank_one_update(chol, rows[idx[t]].to(M.dtype), coef[t])
             if not ok:
-                chol = torch.linalg.cholesky(_shifted(M, self._lam))
+                chol = torch.linalg.cholesky(shifted(M, self._lam))
                 refactored += 1
                 break
         state["chol"], state["chol_lam"] = chol, float(self._lam)

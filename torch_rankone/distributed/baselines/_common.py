@@ -7,7 +7,8 @@ The problem is NewtonLearn's (Islamov et al. 2021, eq. (1)): ``n`` nodes with ``
 The baselines' theory (DCGD, DIANA, ADIANA, DINGO) is stated for ``min (1/n) Σ_i P_i``, so node
 ``i`` owns the regulariser too: its gradient message is ``∇P_i(x) = ∇f_i(x) + λx`` and its local
 Hessian ``∇²P_i(x) = (1/m) Σ_j φ''(a_ijᵀx) a_ij a_ijᵀ + λI``. ``φ``, ``φ'``, ``φ''`` and the sparse
-products are NewtonLearn's (:func:`~torch_rankone.optim.newton_learn.glm_loss`, its ``_Shard``).
+products are :mod:`torch_rankone.glm`'s (:func:`~torch_rankone.glm.glm_loss`,
+:class:`~torch_rankone.glm.GLMShard`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...optim.newton_learn import _Shard, glm_loss
+from ...glm import GLMShard, glm_loss
 from .. import accounting as acc
 from ..compressors import Compressor, RandomDithering
 
@@ -41,7 +42,7 @@ class GLMNodes:
         self.n, self.m, self.d = num_nodes, rows // num_nodes, d
         self.A, self.b = features.contiguous(), targets
         self.loss = glm_loss(loss)
-        self.shard = _Shard(self.A)
+        self.shard = GLMShard(self.A)
         # the block matrix S with S[i·d + k, (i, j)] = a_ijk, so that every node's gradient sum
         # Σ_j w_ij a_ij is one sparse product S w (O(nnz), no loop over nodes)
         coo = self.A.to_sparse_coo().coalesce()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from ...optim.newton_learn import newton_direction
+from ...linalg import newton_direction
 from .. import accounting as acc
 from ._common import GLMBaseline
 
