@@ -1,7 +1,8 @@
 """One conformance suite for every optimizer of the package and every curvature source it takes
 (as torch's own ``OptimizerInfo`` suite does for ``torch.optim``): resume, masking of non-finite
-steps, schedulers, param groups, dtypes, frozen and empty parameters, ``repr``. The per-optimizer
-files keep only what is specific to each method (its formula against a dense reference)."""
+steps, distributed checkpoints, schedulers, param groups, dtypes, frozen and empty parameters,
+``repr``. The per-optimizer files keep only what is specific to each method (its formula
+against a dense reference)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,44 @@ def test_state_dict_resume_is_bit_for_bit(case):
     for _ in range(3):
         resumed.step()
     assert torch.equal(resumed.flat(), run.flat())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_distributed_checkpoint_resume_is_bit_for_bit(case, tmp_path):
+    """``torch.distributed.checkpoint`` in one process: a fresh optimizer (another initialisation
+    and seed) is a complete template, loads the checkpoint and continues exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    run = Setup(case)
+    for _ in range(2):
+        run.step()
+    dcp.save(
+        {
+            "model": get_model_state_dict(run.model),
+            "optim": get_optimizer_state_dict(run.model, run.opt),
+        },
+        checkpoint_id=str(tmp_path),
+    )
+    for _ in range(2):
+        run.step()
+    resumed = Setup(case, seed=5)
+    sd = {
+        "model": get_model_state_dict(resumed.model),
+        "optim": get_optimizer_state_dict(resumed.model, resumed.opt),
+    }
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    set_model_state_dict(resumed.model, sd["model"])
+    set_optimizer_state_dict(resumed.model, resumed.opt, sd["optim"])
+    for _ in range(2):
+        resumed.step()
+    assert torch.equal(resumed.flat(), run.flat())
+    assert resumed.opt.counters() == run.opt.counters()
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
