@@ -128,3 +128,20 @@ def test_loss_closure_with_fd_sees_the_same_masks():
     fd = ev.hvp_fn(v)
     num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(fd, exact)))
     assert float(num / torch.sqrt(sum((b**2).sum() for b in exact))) < 1e-7
+
+
+def test_fd_step_is_relative_to_the_parameters_and_central():
+    """``ε = eps^{1/3} · max(1, ‖x‖) / ‖v‖``, and the difference quotient is central: on
+    ``f(x) = Σ x_i³`` (``Hv = 6 x ⊙ v``, a non-zero third derivative) its error is ``O(ε²)``."""
+    from torch_rankone.optim._protocol import _fd_hvp_fn, fd_epsilon
+
+    x = torch.full((4,), 50.0, dtype=torch.float64)  # ‖x‖ = 100
+    v = torch.full((4,), 1.0, dtype=torch.float64)  # ‖v‖ = 2
+    eps = float(fd_epsilon([x], [v]))
+    assert abs(eps - torch.finfo(torch.float64).eps ** (1 / 3) * 100 / 2) < 1e-18
+    p = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.5, -0.25, 2.0], dtype=torch.float64)
+    hv = _fd_hvp_fn([p], lambda: [3 * p**2])([w])[0]
+    exact = 6 * p * w
+    # central: ~1e-11 relative here; a forward difference would be ~1e-5
+    assert float((hv - exact).norm() / exact.norm()) < 1e-9

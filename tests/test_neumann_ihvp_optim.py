@@ -140,7 +140,8 @@ def test_stale_estimated_scale_is_raised_on_device():
     opt.global_state["scale"] = torch.tensor(stale, dtype=F64)
     opt.step(prob.loss_closure())
     assert int(opt.global_state["neumann_fallbacks"]) == 1
-    assert stale < float(opt.global_state["scale"]) <= 1.05 * here * (1 + 1e-6)  # r·s ≤ λ_max
+    # r·s ≤ λ_max, and after 10 terms r·s is within 0.01 % of it here (measured): 1.05·r·s
+    assert 1.04 * here < float(opt.global_state["scale"]) <= 1.05 * here * (1 + 1e-6)
     for _ in range(6):
         opt.step(prob.loss_closure())
     assert int(opt.global_state["neumann_fallbacks"]) <= 3
