@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._tensorlist import TensorList
+from .._tensorlist import TensorList, flatten, unflatten
 
 #: elements per all-reduce when averaging vectors (a bucket is one temporary copy)
 BUCKET_NUMEL = 1 << 22
@@ -130,13 +130,10 @@ def average(tensors: TensorList, group: Any, *, inplace: bool = False) -> Tensor
     def flush() -> None:
         if not bucket:
             return
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+        flat = flatten(bucket)
         dist.all_reduce(flat, group=group)
         flat /= world
-        pieces, offset = [], 0
-        for t in bucket:
-            pieces.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        pieces = unflatten(flat, bucket)
         if inplace:
             torch._foreach_copy_(bucket, pieces)
             out.extend(bucket)
