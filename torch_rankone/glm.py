@@ -17,6 +17,7 @@ and compressed communication", ICML 2021, eq. (1).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,9 +28,11 @@ from torch import Tensor
 from .linalg import newton_direction, shifted
 
 __all__ = [
+    "GLMFit",
     "GLMLoss",
     "GLMShard",
     "data_error",
+    "glm_fit",
     "glm_loss",
     "glm_newton",
     "glm_node_terms",
@@ -129,10 +132,16 @@ class GLMShard:
         crow = self.csr.crow_indices()
         return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
 
+    @property
+    def num_rows(self) -> int:
+        return (self.A if self.A is not None else self.csr).shape[0]
+
     def weighted_gram(self, w: Tensor) -> Tensor:
-        """``Aᵀ diag(w) A`` (a node's local Hessian model, sent once at initialisation)."""
-        if self.A is not None:
-            return self.rmm(self.A * w[:, None])
+        """``Aᵀ diag(w) A`` (a node's local Hessian model). Sparse data: a sparse × sparse
+        product, ``Σ_j nnz(a_j)²`` multiply-adds instead of the dense ``N d²`` (a9a: 7 ms
+        against 17 ms for the dense GEMM on 2 cores)."""
+        if self.csr is None:
+            return self.A.T @ (self.A * w[:, None])
         csr = self.csr
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
@@ -231,3 +240,101 @@ def data_error(shard: GLMShard, targets: Tensor, loss: str | Callable) -> str | 
         "the logistic loss is binary; for class c against the rest use "
         "torch.where(y == c, 1.0, -1.0)"
     )
+
+
+class GLMFit(NamedTuple):
+    """The result of :func:`glm_fit`: the minimiser and, per iteration, ``P(x^k)``, the gap
+    estimate, whether the Hessian was (re)factored, and the cumulative seconds."""
+
+    x: Tensor
+    history: list[dict[str, float]]
+
+
+def glm_fit(
+    features: Tensor,
+    targets: Tensor,
+    *,
+    loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
+    lam: float = 1e-3,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+    refresh: float = 0.7,
+) -> GLMFit:
+    """Minimise ``P`` on one machine: Newton steps with a reused Hessian factor.
+
+    ``x ← x − (H_k + λI)⁻¹∇P(x)`` with ``H_k`` the Hessian at the last point where it was
+    refactored: at ``x⁰``, and whenever the gap estimate ``½∇Pᵀ(H_k + λI)⁻¹∇P`` fell by less
+    than the factor ``refresh`` (default 0.7: measured on a9a and w8a against 0.1-0.5) since the
+    previous iteration (then ``H`` is recomputed at the current point first). Near ``x*`` a
+    factor from a nearby point contracts the error by ``‖I − (H_k + λI)⁻¹∇²P‖`` per step, so
+    most iterations cost two sparse products and a triangular solve instead of a Hessian (the
+    idea NewtonLearn builds on: the Hessian at the optimum is learned once and reused). Stops
+    when the gap estimate is at most ``tol`` (after taking that step) or after ``max_iter``
+    iterations (``RuntimeWarning``). Features: dense, CSR or COO — pass sparse data as CSR
+    (``load_libsvm(..., sparse=True)``): a dense matrix is converted on every call; labels as
+    :func:`data_error` checks them (logistic: ±1). Float64.
+
+    Example:
+        >>> import torch
+        >>> from torch_rankone.glm import glm_fit, glm_newton
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(500, 8, generator=gen, dtype=torch.float64)
+        >>> b = torch.where(A[:, 0] + 0.5 * torch.randn(500, generator=gen) > 0, 1.0, -1.0)
+        >>> fit = glm_fit(A, b.double(), lam=1e-3, tol=1e-12)
+        >>> p_star = glm_newton(A, b.double(), lam=1e-3, iterations=30)[1][-1]
+        >>> abs(fit.history[-1]["loss"] - p_star) < 1e-9
+        True
+    """
+    from .linalg import solve_with_factor
+
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if not 0 < refresh < 1:
+        raise ValueError(f"refresh must be in (0, 1), got {refresh!r}")
+    start = time.perf_counter()
+    features = features.to(torch.float64)
+    shard, phi, b = GLMShard(features), glm_loss(loss), targets.to(torch.float64)
+    refusal = data_error(shard, b, loss)
+    if refusal is not None:
+        raise ValueError(refusal)
+    n = shard.num_rows
+    x = torch.zeros(features.shape[1], dtype=torch.float64, device=b.device)
+    history: list[dict[str, float]] = []
+    factor, last = None, math.inf
+    for _ in range(max_iter):
+        t = shard.mv(x)
+        value = float(phi.value(t, b).mean() + lam / 2 * x.dot(x))
+        g = shard.rmm(phi.d1(t, b)) / n + lam * x
+        refactor = factor is None
+        if not refactor:
+            y = solve_with_factor(factor, g)
+            gap = 0.5 * float(g.dot(y))
+            refactor = not gap <= refresh * last  # slow (or NaN): a fresh Hessian
+        if refactor:
+            H = shard.weighted_gram(phi.d2(t, b)) / n
+            factor = torch.linalg.cholesky(shifted(H, lam))
+            y = solve_with_factor(factor, g)
+            gap = 0.5 * float(g.dot(y))
+        x = x - y
+        last = gap
+        history.append(
+            {
+                "loss": value,
+                "gap_estimate": gap,
+                "refactored": float(refactor),
+                "time": time.perf_counter() - start,
+            }
+        )
+        if gap <= tol:
+            return GLMFit(x, history)
+    warnings.warn(
+        f"glm_fit: max_iter={max_iter} iterations ended with the gap estimate {last:.3g} > "
+        f"tol={tol:g}; raise max_iter",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return GLMFit(x, history)

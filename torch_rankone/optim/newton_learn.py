@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -60,7 +61,7 @@ from torch import Tensor
 from .. import _ext
 from .._random import owned_generator
 from ..distributed import accounting as acc
-from ..distributed.compressors import Compressor, RandK
+from ..distributed.compressors import Compressor, Identity, RandK
 from ..distributed.transports import CollectiveTransport, ProtocolError, SimulatedTransport
 from ..glm import GLMShard, data_error, glm_loss, glm_node_terms
 from ..linalg import (
@@ -146,7 +147,8 @@ class NewtonLearn(torch.optim.Optimizer):
             (derivatives by ``torch.func``; then ``gamma`` and, for CNL, ``cubic_reg`` are needed).
         lam: ``λ`` (> 0 for NL1).
         variant: ``"nl1"``, ``"nl2"`` or ``"cnl"``.
-        compressor: For the learning messages (default ``RandK(1)``).
+        compressor: For the learning messages (default ``RandK(1)``; ``Identity()`` for a single
+            node, where nothing is communicated and compression would only slow learning).
         eta: Learning rate ``η``; default ``1/(ω + 1)`` with ``ω = compressor.omega(m)``.
         gamma: NL2/CNL's ``γ ≥ sup|φ''|``; default 1/4 (logistic), 1 (squared).
         cubic_reg: CNL's ``M``; default ``ν R³``, ``ν = sup|φ'''|``, ``R = max‖a_ij‖``.
@@ -160,8 +162,11 @@ class NewtonLearn(torch.optim.Optimizer):
         generator: Source of the compressors' randomness (drawn for all nodes, in node order,
             on every rank; the server's state is broadcast at construction). Default: one
             derived from ``torch.initial_seed()``.
-        accounting: ``"realistic"`` (all nodes, Option-aware) or ``"paper"`` (the authors'
-            one-node count); see :mod:`torch_rankone.distributed.accounting`.
+        accounting: ``"theory"`` (all nodes' uplink, Option-aware, index bits), ``"authors-code"``
+            (one node, as the authors' published experiment code counts it: ``32(d + rd + r)``
+            per iteration) or ``"authors-text"`` (all nodes, as the paper's text states it,
+            index bits included); former names ``"realistic"`` = ``"theory"``, ``"paper"`` =
+            ``"authors-code"``. See :mod:`torch_rankone.distributed.accounting`.
         h0: Initial coefficients ``(n·m,)`` or ``(nodes, m)`` (this rank's); default
             ``h_i(x^0)``.
         solver: ``"cholesky"`` (refactor ``H^k + λI`` every iteration) or, NL1 only,
@@ -221,22 +226,20 @@ class NewtonLearn(torch.optim.Optimizer):
         process_group: Any = None,
         server_rank: int = 0,
         generator: torch.Generator | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         h0: Tensor | None = None,
         solver: str = "cholesky",
         solve_dtype: torch.dtype | None = None,
     ) -> None:
-        compressor = RandK(1) if compressor is None else compressor
         phi = glm_loss(loss)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         lam = _check_positive("lam", lam, strict=variant == "nl1")
-        if not isinstance(compressor, Compressor):
+        if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a Compressor, got {type(compressor).__name__}")
         if option not in (1, 2):
             raise ValueError(f"option must be 1 or 2, got {option!r}")
-        if accounting not in acc.ACCOUNTINGS:
-            raise ValueError(f"accounting must be one of {acc.ACCOUNTINGS}, got {accounting!r}")
+        acc.canonical(accounting)  # "theory", "authors-code", "authors-text" (or an alias)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if solver == "cholesky_update" and variant != "nl1":
@@ -290,9 +293,11 @@ class NewtonLearn(torch.optim.Optimizer):
         m = rows // nodes
         self.local_nodes, self.m, self.d = nodes, m, d
         self.num_nodes = nodes * self.transport.world_size
+        if compressor is None:  # compression only pays where there is communication
+            compressor = Identity() if self.num_nodes == 1 else RandK(1)
         self.compressor, self.loss = compressor, phi
-        if accounting == "paper":
-            acc.paper_r(compressor, m)  # refuses compressors the authors' count does not cover
+        if acc.canonical(accounting) != "theory":  # refuses what the authors' count does not cover
+            acc.paper_r(compressor, m, accounting)
         if variant != "nl1" and gamma is None and phi.gamma is None:
             raise ValueError("gamma (>= sup|phi''|) is needed for a custom loss with nl2/cnl")
         # the options live in the param group (repr, state_dict and checkpoints see them)
@@ -664,26 +669,41 @@ class NewtonLearn(torch.optim.Optimizer):
         )
         if beta is not None:
             beta = self.transport.max_everywhere(beta.to(self.solve_dtype))
-        rows, ridx, rcoef = self._exchange(idx, coef)
+        weights = rows = None
+        if (
+            self.transport.world_size == 1
+            and self.solver != "cholesky_update"
+            and 2 * idx.numel() >= self._shard.num_rows
+        ):
+            # most coefficients changed (Identity on one node: all): one weighted Gram product
+            # of the whole shard (BLAS or sparse × sparse) beats that many gathered outer
+            # products
+            weights = coef.new_zeros(self._shard.num_rows).index_put_((idx,), coef, True)
+            ridx, rcoef = idx, coef  # (the rows themselves are not needed)
+        else:
+            rows, ridx, rcoef = self._exchange(idx, coef)
 
         # server: the Newton-type step and, when it is applied, the Hessian model's update. A
         # step is applied only when the gradient, the loss, every node's h(x^k) and h^{k+1} and
         # the new iterate are finite; otherwise x, h, H/A and the factor all stay as they were
         # (one NaN in h or H would make every later step a skipped one). The verdict travels
         # with the iterate, so every rank decides the same.
-        payload = torch.empty(d + 3, dtype=self.solve_dtype, device=x.device)
+        payload = torch.empty(d + 4, dtype=self.solve_dtype, device=x.device)
         if self.transport.is_server:
             xs = x.to(self.solve_dtype)
             grad = sums[:d] / nm + lam * xs
             payload[d] = sums[d] / nm + lam / 2 * xs.dot(xs)
             payload[d + 1] = sums[d + 1]
             chol, refactored = self._current_factor(state, lam)
-            x_new = xs - self._server_direction(state, grad, beta, chol)
+            direction = self._server_direction(state, grad, beta, chol)
+            x_new = xs - direction
+            # ½ ∇Pᵀ(H^k + λI)⁻¹∇P: the model's decrease, an estimate of P(x^k) − P*
+            payload[d + 3] = 0.5 * grad.dot(direction)
             ok = torch.isfinite(x_new).all() & torch.isfinite(payload[d]) & (sums[d + 2] == 0)
             payload[:d] = torch.where(ok, x_new, xs)
             payload[d + 2] = ok
             if bool(ok):
-                self._server_accumulate(state, rows, ridx, rcoef, chol, refactored)
+                self._server_accumulate(state, rows, ridx, rcoef, chol, refactored, weights)
         payload = self.transport.broadcast_from_server(payload)
 
         p.copy_(payload[:d].to(p.dtype).view_as(p))
@@ -692,17 +712,61 @@ class NewtonLearn(torch.optim.Optimizer):
         else:
             state["skipped_steps"] += 1
         state["step"] += 1
-        if self.accounting == "paper":
-            it_bits = acc.paper_iteration_bits(self.variant, self.compressor, self.m, d)
+        if acc.canonical(self.accounting) != "theory":
+            it_bits = acc.nl_authors_iteration_bits(
+                self.accounting, self.variant, self.compressor, self.m, d, self.num_nodes
+            )
         else:
             it_bits = float(payload[d + 1])
         state["bits_sent"] += it_bits
         elapsed = time.perf_counter() - start + (self.history[-1]["time"] if self.history else 0.0)
         loss = payload[d].to(p.dtype)
         self.history.append(
-            {"loss": float(loss), "bits": float(state["bits_sent"]), "time": elapsed}
+            {
+                "loss": float(loss),
+                "bits": float(state["bits_sent"]),
+                "time": elapsed,
+                "gap_estimate": float(payload[d + 3]),
+            }
         )
         return loss
+
+    def fit(self, tol: float = 1e-10, max_iter: int = 100) -> list[dict[str, float]]:
+        """Iterate until the estimate ``½ ∇P(x^k)ᵀ(H^k + λI)⁻¹∇P(x^k)`` of ``P(x^k) − P*`` is at
+        most ``tol`` (the step from that ``x^k`` is taken too), or ``max_iter`` iterations.
+        Returns the history of this call (``loss``, ``bits``, ``time``, ``gap_estimate`` per
+        iteration); a ``RuntimeWarning`` says when ``max_iter`` stopped it.
+
+        With ``H^k`` the learned Hessian model, the estimate is Newton's decrement of the model:
+        once ``H^k`` has learned ``∇²f`` near ``x*`` (one node with ``Identity()``: after one
+        iteration) it is within a factor close to 1 of the true gap.
+
+        Example:
+            >>> import torch
+            >>> from torch_rankone import NewtonLearn
+            >>> gen = torch.Generator().manual_seed(0)
+            >>> A = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+            >>> b = torch.where(A[:, 0] > 0, 1.0, -1.0).double()
+            >>> x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+            >>> history = NewtonLearn([x], A, b, lam=1e-3).fit(tol=1e-12)
+            >>> history[-1]["gap_estimate"] <= 1e-12 and len(history) < 20
+            True
+        """
+        _check_positive("tol", tol)
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        first = len(self.history)
+        for _ in range(max_iter):
+            self.step()
+            if 0 <= self.history[-1]["gap_estimate"] <= tol:
+                return self.history[first:]
+        warnings.warn(
+            f"NewtonLearn.fit: max_iter={max_iter} iterations ended with the gap estimate "
+            f"{self.history[-1]['gap_estimate']:.3g} > tol={tol:g}; raise max_iter",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return self.history[first:]
 
     def _current_factor(self, state: dict, lam: float) -> tuple[Tensor | None, int]:
         """The update solver's factor of ``H^k + λI`` for the group's current ``λ``:
@@ -739,12 +803,16 @@ class NewtonLearn(torch.optim.Optimizer):
         coef: Tensor,
         chol: Tensor | None = None,
         refactored: int = 0,
+        weights: Tensor | None = None,
     ) -> None:
         """``H`` (or ``A``) ``+= Σ_t coef_t a_t a_tᵀ``; the update solver also moves the factor
         ``chol`` (of ``H + λI`` for the current ``λ``, see :meth:`_current_factor`) one rank-one
         term at a time (refactoring if a downdate fails) and keeps it."""
         M = state["H" if self.variant == "nl1" else "A"]
         coef = coef.to(M.dtype)
+        if weights is not None:  # most rows changed: one weighted Gram product of the shard
+            M += self._shard.weighted_gram(weights).to(M.dtype)
+            return
         if rows.dtype != M.dtype:  # e.g. float32 features, float64 algebra
             rows, idx = rows.index_select(0, idx).to(M.dtype), torch.arange(idx.numel())
         _ext.gathered_outer_accumulate(M, rows, idx, coef)  # checks a host idx for free

@@ -2,15 +2,17 @@
 DCGD, DIANA, ADIANA, BFGS and DINGO over simulated nodes.
 
 Every baseline has NewtonLearn's interface and bookkeeping: ``Method([x], features, targets,
-loss=..., lam=..., num_nodes=n, accounting="realistic" | "paper", generator=...)``; ``step()``
-(no closure) returns ``P(x^k)``; ``opt.state[x]["bits_sent"]`` is the cumulative count of the
-bits the nodes sent (initialisation included), ``opt.history`` holds ``{"loss", "bits",
-"time"}`` per iteration. ``"realistic"`` sums all nodes' uplink; ``"paper"`` counts one node's,
-as the authors' code does (:mod:`torch_rankone.distributed.accounting`). Node ``i`` owns
+loss=..., lam=..., num_nodes=n, accounting="theory" | "authors-code" | "authors-text",
+generator=...)``; ``step()`` (no closure) returns ``P(x^k)``; ``opt.state[x]["bits_sent"]`` is
+the cumulative count of the bits sent (initialisation included), ``opt.history`` holds
+``{"loss", "bits", "time"}`` per iteration. ``"theory"`` sums all nodes' uplink with the
+theory's constants; ``"authors-code"`` counts one node's as the authors' published experiment
+code does, ``"authors-text"`` all nodes' as the paper's text states, both with the authors'
+constants and stepsizes (:mod:`torch_rankone.distributed.accounting`). Node ``i`` owns
 ``P_i = f_i + (λ/2)‖x‖²`` (the baselines' theory is for ``min (1/n) Σ P_i``).
 """
 
-from ._common import GLMBaseline, GLMNodes, paper_message_bits, smoothness
+from ._common import GLMBaseline, GLMNodes, global_smoothness, paper_message_bits, smoothness
 from .bfgs import BFGS, bfgs_inverse_update
 from .compressed_gradient import (
     ADIANA,
@@ -18,6 +20,8 @@ from .compressed_gradient import (
     DIANA,
     ADIANAParameters,
     adiana_parameters,
+    authors_dcgd_stepsize,
+    authors_diana_parameters,
     dcgd_stepsize,
     diana_parameters,
 )
@@ -35,9 +39,12 @@ __all__ = [
     "GLMBaseline",
     "GLMNodes",
     "adiana_parameters",
+    "authors_dcgd_stepsize",
+    "authors_diana_parameters",
     "bfgs_inverse_update",
     "dcgd_stepsize",
     "diana_parameters",
+    "global_smoothness",
     "paper_message_bits",
     "smoothness",
 ]

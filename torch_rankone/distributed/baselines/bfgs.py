@@ -63,7 +63,7 @@ class BFGS(GLMBaseline):
         loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
         lam: float = 1e-3,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         curvature_eps: float = 1e-10,
         generator: torch.Generator | None = None,
     ) -> None:

@@ -12,10 +12,24 @@ smoothness constant of every local function ``P_i`` and ``μ = λ`` its strong c
 * ADIANA: see :func:`adiana_parameters`.
 
 The DCGD and DIANA constants are the ``γ ≤ 1/(A + CM)`` conditions of the unified analysis of
-Gorbunov, Hanzely and Richtárik (AISTATS 2020, Table 2 and §A) for ``L_i ≤ L``.
+Gorbunov, Hanzely and Richtárik (AISTATS 2020, Table 2 and §A) for ``L_i ≤ L``. These are the
+``accounting="theory"`` choices. Under ``"authors-code"``/``"authors-text"`` the constants are
+those of the authors' published experiment code (Islamov, Qian, Richtárik, ICML 2021), with
+``L`` the smoothness of the *global* data term
+(:func:`~torch_rankone.distributed.baselines._common.global_smoothness`, no ``λ``):
 
-Bits per message: the compressor's ``message_bits`` (realistic, summed over nodes), or
-:func:`~torch_rankone.distributed.baselines._common.paper_message_bits` for one node (paper).
+* DCGD: ``γ = 1/L``;
+* DIANA: ``α = 1/(ω + 1)``, ``γ = min(α/(2λ), 2/((L + λ)(1 + 6ω/n)))``;
+* ADIANA: :func:`adiana_parameters` with ``L + λ`` and ``μ = λ``.
+
+With other stepsizes the iterates differ: a run belongs to its convention family.
+
+Bits per iteration: ``"theory"`` sums every node's messages at the compressor's
+``message_bits`` (ADIANA: both of its compressed vectors); ``"authors-code"`` bills one node's
+single vector at the paper's per-message cost
+(:func:`~torch_rankone.distributed.accounting.published_message_bits`: ``32r + log2 C(d, r)``,
+``2.8d + 32``, ``9d``) — ADIANA included, as the authors' code bills it; ``"authors-text"`` is
+``n`` times that.
 """
 
 from __future__ import annotations
@@ -27,8 +41,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import accounting as acc
 from ..compressors import Compressor
-from ._common import GLMBaseline, check_number, paper_message_bits, smoothness
+from ._common import GLMBaseline, check_number, global_smoothness, smoothness
 
 __all__ = [
     "DCGD",
@@ -36,6 +51,8 @@ __all__ = [
     "ADIANA",
     "ADIANAParameters",
     "adiana_parameters",
+    "authors_dcgd_stepsize",
+    "authors_diana_parameters",
     "dcgd_stepsize",
     "diana_parameters",
 ]
@@ -51,6 +68,22 @@ def diana_parameters(L: float, omega: float, n: int) -> tuple[float, float]:
     """DIANA's theoretical ``(α, γ) = (1/(ω+1), 1/(L (1 + 6ω/n)))`` (Mishchenko et al. 2019;
     Horváth et al. 2019; constants of Gorbunov et al. 2020)."""
     return 1.0 / (omega + 1.0), 1.0 / (L * (1.0 + 6.0 * omega / n))
+
+
+def authors_dcgd_stepsize(L: float) -> float:
+    """DCGD's stepsize in the authors' experiment code: ``1/L`` (``L`` of the global data
+    term)."""
+    return 1.0 / L
+
+
+def authors_diana_parameters(L: float, lam: float, omega: float, n: int) -> tuple[float, float]:
+    """DIANA's ``(α, γ)`` in the authors' experiment code: ``α = 1/(ω + 1)``,
+    ``γ = min(α/(2λ), 2/((L + λ)(1 + 6ω/n)))`` (``L`` of the global data term)."""
+    alpha = 1.0 / (omega + 1.0)
+    gamma = 2.0 / ((L + lam) * (1.0 + 6.0 * omega / n))
+    if lam > 0:
+        gamma = min(alpha / (2.0 * lam), gamma)
+    return alpha, gamma
 
 
 class ADIANAParameters(NamedTuple):
@@ -128,18 +161,22 @@ class _CompressedGradient(GLMBaseline):
         self.omega = compressor.omega(self.nodes.d)
 
     def _initial_bits(self) -> dict[str, float]:
-        return {"realistic": 0.0, "paper": 0.0}  # the shifts start at zero, x^0 is known to all
+        return dict.fromkeys(acc.CONVENTIONS, 0.0)  # the shifts start at 0, x^0 known to all
 
     def _constants(self) -> tuple[float, float]:
-        """``(L, μ)`` for the theoretical parameters."""
+        """``(L, μ)``: theory ``(max_i L_i, λ)``; authors ``(L of the global data term, λ)``."""
+        if self.family == "authors":
+            return global_smoothness(self.nodes), self._lam
         return smoothness(self.nodes, self._lam)
 
     def _send(self, v: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Every node's message ``C(v_i)`` (a fresh draw per row) and the bits they cost."""
         out = self.compressor(v, self.generator)
+        published = acc.published_message_bits(self.compressor, self.nodes.d)
         return out, {
-            "realistic": float(self.compressor.message_bits(out).sum()),
-            "paper": paper_message_bits(self.compressor, self.nodes.d),
+            "theory": float(self.compressor.message_bits(out).sum()),
+            "authors-code": published,
+            "authors-text": self.nodes.n * published,
         }
 
 
@@ -173,7 +210,7 @@ class DCGD(_CompressedGradient):
         lam: float = 1e-3,
         lr: float | None = None,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
@@ -188,7 +225,12 @@ class DCGD(_CompressedGradient):
             generator=generator,
         )
         if lr is None:
-            lr = dcgd_stepsize(self._constants()[0], self.omega, self.nodes.n)
+            L = self._constants()[0]
+            lr = (
+                authors_dcgd_stepsize(L)
+                if self.family == "authors"
+                else dcgd_stepsize(L, self.omega, self.nodes.n)
+            )
         self.lr = check_number("lr", lr)
 
     def _iterate(self, state: dict, x: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
@@ -228,7 +270,7 @@ class DIANA(_CompressedGradient):
         lr: float | None = None,
         alpha: float | None = None,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
@@ -242,7 +284,12 @@ class DIANA(_CompressedGradient):
             accounting=accounting,
             generator=generator,
         )
-        alpha_th, lr_th = diana_parameters(self._constants()[0], self.omega, self.nodes.n)
+        L, n = self._constants()[0], self.nodes.n
+        alpha_th, lr_th = (
+            authors_diana_parameters(L, self._lam, self.omega, n)
+            if self.family == "authors"
+            else diana_parameters(L, self.omega, n)
+        )
         self.lr = check_number("lr", lr_th if lr is None else lr)
         self.alpha = check_number("alpha", alpha_th if alpha is None else alpha)
         x = self._param
@@ -275,7 +322,8 @@ class ADIANA(_CompressedGradient):
 
     with the theoretical parameters of :func:`adiana_parameters`, ``y^0 = z^0 = w^0 = x^0``,
     ``h_i^0 = 0``. Two compressed ``d``-vectors per node and iteration (``C`` and ``C̃`` are
-    independent draws, drawn in that order, then the coin for ``w``). The parameter holds
+    independent draws, drawn in that order, then the coin for ``w``): ``"theory"`` bills both,
+    the ``authors-*`` conventions one, as the authors' experiment code does. The parameter holds
     ``y^k``, the sequence the theory's Lyapunov function measures, and the history records
     ``P(y^k)``.
 
@@ -292,7 +340,7 @@ class ADIANA(_CompressedGradient):
         loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
         lam: float = 1e-3,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
@@ -309,6 +357,8 @@ class ADIANA(_CompressedGradient):
         L, mu = self._constants()
         if mu <= 0:
             raise ValueError("ADIANA's theoretical parameters need lam > 0 (strong convexity)")
+        if self.family == "authors":
+            L = L + mu  # the smoothness of P = f + (λ/2)‖x‖²
         self.constants = adiana_parameters(L, mu, self.omega, self.nodes.n)
         y = self._param.detach().reshape(-1)
         state = self.state[self._param]
@@ -330,5 +380,6 @@ class ADIANA(_CompressedGradient):
         gen = self.generator
         coin = torch.rand((), generator=gen, dtype=torch.float64, device=gen.device)
         state["w"] = torch.where(coin.to(y.device) < c.p, y, w)
-        bits = {key: bits_x[key] + bits_w[key] for key in bits_x}
+        # theory: both compressed vectors; authors-*: one, as the authors' code bills ADIANA
+        bits = {key: bits_x[key] + (bits_w[key] if key == "theory" else 0.0) for key in bits_x}
         return y_new, nodes.value(y, lam=lam), bits

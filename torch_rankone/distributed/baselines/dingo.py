@@ -45,13 +45,23 @@ class DINGO(GLMBaseline):
     only: afterwards the accepted line-search point's gradient is the next ``g``), ``H_i g`` and
     ``H_i^† g`` (case 1), ``H̃_i^† g̃`` (case 2), ``p_i`` (case 3), and ``∇P_i`` at every
     line-search trial. The nodes recompute their local Hessians each iteration (computation,
-    not communication).
+    not communication). ``"theory"`` bills that uplink summed over the nodes; ``"authors-code"``
+    one node's uplink plus the downlink as the authors' experiment code counts it, ``3·32d``
+    per iteration (the server's broadcasts of ``∇P(x^k)``, ``h`` and the direction ``p``);
+    ``"authors-text"`` the uplink summed over the nodes ("the total number of bits that all
+    nodes send to the server", no downlink).
+
+    Under the ``authors-*`` conventions the step is capped at ``0.01`` for the first 5
+    iterations, as in the authors' experiment code (the line search then tries ``0.01`` and the
+    powers of two below it); ``step_cap`` overrides this (``(cap, iterations)``, or ``None``).
 
     Args:
         params, features, targets, loss, lam, num_nodes, accounting: As
             :class:`~torch_rankone.distributed.baselines.DistributedNewton`.
         theta, phi, rho: DINGO's ``θ``, ``φ``, ``ρ``.
         max_backtracks: The line search tries ``α = 2^{−j}``, ``j = 0..max_backtracks``.
+        step_cap: ``(cap, iterations)``: ``α ≤ cap`` in the first ``iterations`` iterations;
+            default ``(0.01, 5)`` under the ``authors-*`` conventions, none under ``"theory"``.
         generator: Unused (deterministic); accepted for a uniform interface.
     """
 
@@ -67,7 +77,8 @@ class DINGO(GLMBaseline):
         rho: float = 1e-4,
         max_backtracks: int = 10,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
+        step_cap: tuple[float, int] | None | str = "default",
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(max_backtracks, int) or isinstance(max_backtracks, bool):
@@ -93,12 +104,18 @@ class DINGO(GLMBaseline):
                 max_backtracks=max_backtracks,
             ),
         )
+        if step_cap == "default":
+            step_cap = (0.01, 5) if self.family == "authors" else None
+        if step_cap is not None:
+            cap, its = step_cap
+            step_cap = (check_number("step_cap[0]", cap), int(its))
+        self.step_cap = step_cap
         state = self.state[self._param]
         state["line_search_failures"] = 0
         state["cases"] = [0, 0, 0]
 
     def _initial_bits(self) -> dict[str, float]:
-        return {"realistic": 0.0, "paper": 0.0}
+        return dict.fromkeys(acc.CONVENTIONS, 0.0)
 
     def _direction(self, state: dict, H: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
         """``(p, h, vectors sent)`` of cases 1–3."""
@@ -136,8 +153,11 @@ class DINGO(GLMBaseline):
         p, h, sent = self._direction(state, nodes.local_hessians(x, lam, t), g)
         vectors += sent
         g2, slope = g.dot(g), p.dot(h)
-        for j in range(group["max_backtracks"] + 1):
-            alpha = 2.0**-j
+        alphas = [2.0**-j for j in range(group["max_backtracks"] + 1)]
+        if self.step_cap is not None and state["step"] < self.step_cap[1]:
+            cap = self.step_cap[0]
+            alphas = [cap] + [a for a in alphas if a < cap]
+        for alpha in alphas:
             trial = x + alpha * p
             grads = nodes.gradients(trial, lam)
             vectors += 1
@@ -147,5 +167,6 @@ class DINGO(GLMBaseline):
         else:
             state["line_search_failures"] += 1
         state["grads"] = grads
-        bits = self._bill(acc.FLOAT_BITS * nodes.d * vectors)
+        uplink = acc.FLOAT_BITS * nodes.d * vectors
+        bits = self._bill(uplink, code=uplink + 3 * acc.FLOAT_BITS * nodes.d, text=nodes.n * uplink)
         return trial, nodes.value(x, t, lam), bits

@@ -25,7 +25,8 @@ class DistributedNewton(GLMBaseline):
 
     * ``structured=False`` (§2.1): ``∇P_i(x^k)`` and the local Hessian ``∇²P_i(x^k)``. Realistic
       count: ``32·d(d+1)/2 + 32d`` per node (the symmetric matrix as its upper triangle, the
-      convention of NewtonLearn's initialisation); paper count: the authors' ``32(d² + d)``
+      convention of NewtonLearn's initialisation) under ``"theory"``; under ``"authors-code"`` the
+      authors' ``32(d² + d)`` per node (one node; ``"authors-text"``: all nodes)
       (:func:`~torch_rankone.distributed.accounting.newton_bits`). No initialisation.
     * ``structured=True`` (§2.2, "taking advantage of the structure of H_ij"): ``∇P_i(x^k)`` and
       the ``m`` coefficients ``h_ij(x^k)``, ``32(m + d)`` per node; the server rebuilds
@@ -46,7 +47,9 @@ class DistributedNewton(GLMBaseline):
         lam: ``λ ≥ 0``.
         structured: Send coefficients instead of Hessians (see above).
         num_nodes: ``n`` (default 1).
-        accounting: ``"realistic"`` (all nodes) or ``"paper"`` (one node, authors' count).
+        accounting: ``"theory"`` (all nodes), ``"authors-code"`` (one node, the authors'
+            code's count) or ``"authors-text"`` (all nodes, the paper's text); see
+            :mod:`torch_rankone.distributed.accounting`.
         generator: Unused (Newton is deterministic); accepted for a uniform interface.
     """
 
@@ -59,7 +62,7 @@ class DistributedNewton(GLMBaseline):
         lam: float = 1e-3,
         structured: bool = False,
         num_nodes: int | None = None,
-        accounting: str = "realistic",
+        accounting: str = "theory",
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(structured, bool):
@@ -79,7 +82,7 @@ class DistributedNewton(GLMBaseline):
 
     def _initial_bits(self) -> dict[str, float]:
         if not self.structured:
-            return {"realistic": 0.0, "paper": 0.0}
+            return dict.fromkeys(acc.CONVENTIONS, 0.0)
         return self._bill(acc.FLOAT_BITS * self.nodes.m * self.nodes.d)
 
     def _iteration_bits(self) -> dict[str, float]:
