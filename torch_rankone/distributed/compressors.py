@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._validation import check_int
+
 __all__ = [
     "Compressor",
     "Identity",
@@ -39,12 +41,6 @@ __all__ = [
 ]
 
 FLOAT_BITS = 32  # every value travels as a 32-bit float (the paper's convention)
-
-
-def _check_int(name: str, value: object, low: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _uniform(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -103,7 +99,7 @@ class _Sparsifier(Compressor):
     which ``r``-subset they are."""
 
     def __init__(self, r: int = 1) -> None:
-        self.r = _check_int("r", r)
+        self.r = check_int("r", r)
 
     def _k(self, dim: int) -> int:
         if self.r > dim:
@@ -165,7 +161,7 @@ class RandomDithering(Compressor):
     """
 
     def __init__(self, s: int = 1) -> None:
-        self.s = _check_int("s", s)
+        self.s = check_int("s", s)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         norm = x.norm(dim=-1, keepdim=True)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .._random import owned_generator
 from .._tensorlist import TensorList, local, locals_, norm, sharded_over, sum_over_shards
+from .._validation import check_number
 from ._data_parallel import (
     Layout,
     average,
@@ -351,18 +352,6 @@ def _no_grad(params: Sequence[Tensor]) -> tuple[bool, ...]:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_hyper(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number ≥ (>) ``low``."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = float(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (strict and value == low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
-
-
 class StepInputs(NamedTuple):
     """What :meth:`SecondOrderOptimizer._evaluate_step` hands to an optimizer's update."""
 
@@ -384,8 +373,8 @@ def check_module(module: Any) -> None:
 
 def check_update_extras(weight_decay: Any, momentum: Any) -> None:
     """Validate decoupled ``weight_decay`` (≥ 0) and ``momentum`` (in ``[0, 1)``)."""
-    check_hyper("weight_decay", weight_decay)
-    check_hyper("momentum", momentum)
+    check_number("weight_decay", weight_decay)
+    check_number("momentum", momentum)
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1 (an exponential average), got {momentum}")
 
@@ -490,7 +479,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         """Validate one param group: what every group may set for itself, and the options that
         must agree with the first group (only ``_per_group`` ones may differ). Subclasses add
         their own checks. Run by ``__init__`` and by :meth:`add_param_group`."""
-        check_hyper("param group lr", group["lr"])
+        check_number("param group lr", group["lr"])
         if "momentum" in group:
             check_update_extras(group["weight_decay"], group["momentum"])
         if any(p.is_complex() for p in group["params"]):

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._tensorlist import TensorList, embed_shard, norm, shard_of, sum_over_shards
+from .._validation import check_number
 from ..curvature import per_sample_grads
 from ._protocol import (
     CurvatureError,
     SecondOrderOptimizer,
     all_finite,
-    check_hyper,
     check_module,
     check_update_extras,
     grad_snapshot,
@@ -487,12 +487,12 @@ class FisherNewton(SecondOrderOptimizer):
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
         if damping is None:
             damping = _DEFAULT_RELATIVE_DAMPING if damping_mode == "relative" else 1e-3
-        check_hyper("lr", lr)
-        check_hyper("damping", damping)
-        check_hyper("f_star", f_star)
+        check_number("lr", lr)
+        check_number("damping", damping)
+        check_number("f_star", f_star)
         check_update_extras(weight_decay, momentum)
         if max_grad_norm is not None:
-            check_hyper("max_grad_norm", max_grad_norm, strict=True)
+            check_number("max_grad_norm", max_grad_norm, strict=True)
         check_module(module)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -501,13 +501,13 @@ class FisherNewton(SecondOrderOptimizer):
         if damping_mode == "theory":
             if hessian_lipschitz is None:
                 raise ValueError("damping_mode='theory' needs hessian_lipschitz (M)")
-            check_hyper("hessian_lipschitz", hessian_lipschitz, strict=True)
+            check_number("hessian_lipschitz", hessian_lipschitz, strict=True)
             if loss_type == "mse":
                 if smoothness is None:
                     raise ValueError(
                         "damping_mode='theory' with loss_type='mse' needs smoothness (L)"
                     )
-                check_hyper("smoothness", smoothness, strict=True)
+                check_number("smoothness", smoothness, strict=True)
         if damping_mode != "theory" and damping <= 0:
             raise ValueError(
                 f"FisherNewton needs damping > 0 in {damping_mode} mode: D has rank ≤ B < N, so "
@@ -532,7 +532,7 @@ class FisherNewton(SecondOrderOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         strict = group["damping_mode"] != "theory"
-        check_hyper("param group damping", group["damping"], strict=strict)
+        check_number("param group damping", group["damping"], strict=strict)
         dtypes = {p.dtype for g in (self.param_groups[0], group) for p in g["params"]}
         if len(dtypes) > 1:
             raise TypeError(

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_number
 from ..curvature import power_iteration
 from ..linalg import neumann_series
 from ._protocol import (
     HVP_MODES,
     SecondOrderOptimizer,
     all_finite,
-    check_hyper,
     check_module,
     check_update_extras,
     split_groups,
@@ -136,13 +136,13 @@ class NeumannIHVP(SecondOrderOptimizer):
             raise ValueError(f"damping_mode must be 'relative' or 'fixed', got {damping_mode!r}")
         if damping is None:
             damping = _DEFAULT_RELATIVE_DAMPING if damping_mode == "relative" else 0.0
-        check_hyper("lr", lr)
-        check_hyper("damping", damping, strict=damping_mode == "relative")
+        check_number("lr", lr)
+        check_number("damping", damping, strict=damping_mode == "relative")
         check_update_extras(weight_decay, momentum)
         if not isinstance(num_terms, int) or num_terms < 1:
             raise ValueError(f"num_terms must be an int >= 1, got {num_terms!r}")
         if scale is not None:
-            check_hyper("scale", scale, strict=True)
+            check_number("scale", scale, strict=True)
             if damping_mode == "relative":
                 raise ValueError(
                     "scale is estimated in damping_mode='relative'; pass damping_mode='fixed' "

@@ -48,7 +48,6 @@ and compressed communication", ICML 2021, Algorithms 1 and 2.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -60,6 +59,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._random import owned_generator
+from .._validation import check_number
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, Identity, RandK
 from ..distributed.transports import CollectiveTransport, ProtocolError, SimulatedTransport
@@ -99,15 +99,6 @@ def learn_coefficients(
 # --------------------------------------------------------------------------------------------
 # The optimizer
 # --------------------------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value: Any, *, strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (strict and value == 0):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}"
-        )
-    return float(value)
 
 
 class NewtonLearn(torch.optim.Optimizer):
@@ -234,7 +225,7 @@ class NewtonLearn(torch.optim.Optimizer):
         phi = glm_loss(loss)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        lam = _check_positive("lam", lam, strict=variant == "nl1")
+        lam = check_number("lam", lam, strict=variant == "nl1")
         if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a Compressor, got {type(compressor).__name__}")
         if option not in (1, 2):
@@ -306,10 +297,12 @@ class NewtonLearn(torch.optim.Optimizer):
             option=option,
             accounting=accounting,
             solver=solver,
-            eta=1.0 / (compressor.omega(m) + 1.0) if eta is None else _check_positive("eta", eta),
+            eta=1.0 / (compressor.omega(m) + 1.0)
+            if eta is None
+            else check_number("eta", eta, strict=True),
             gamma=None
             if variant == "nl1"
-            else _check_positive("gamma", phi.gamma if gamma is None else gamma),
+            else check_number("gamma", phi.gamma if gamma is None else gamma, strict=True),
             cubic_reg=None,
         )
         self.defaults.update(options)
@@ -354,7 +347,7 @@ class NewtonLearn(torch.optim.Optimizer):
                     raise ValueError("cubic_reg (M) is needed for a custom loss with cnl")
                 R = self.transport.max_everywhere(self._shard.max_row_norm().to(torch.float64))
                 cubic_reg = phi.nu * float(R) ** 3
-            cubic_reg = _check_positive("cubic_reg", cubic_reg, strict=False)
+            cubic_reg = check_number("cubic_reg", cubic_reg, strict=False)
             self.defaults["cubic_reg"] = self.param_groups[0]["cubic_reg"] = cubic_reg
         self._initialise(p, h0)
 
@@ -752,7 +745,7 @@ class NewtonLearn(torch.optim.Optimizer):
             >>> history[-1]["gap_estimate"] <= 1e-12 and len(history) < 20
             True
         """
-        _check_positive("tol", tol)
+        check_number("tol", tol, strict=True)
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
         first = len(self.history)

@@ -28,13 +28,13 @@ from .._tensorlist import (
     rademacher_like,
     randn_like,
 )
+from .._validation import check_number
 from ..curvature import power_iteration
 from ..linalg import shifted_lowrank_solve
 from ._protocol import (
     HVP_MODES,
     SecondOrderOptimizer,
     all_finite,
-    check_hyper,
     check_module,
     check_update_extras,
     split_groups,
@@ -257,11 +257,11 @@ class RankOneNewton(SecondOrderOptimizer):
             damping = _DEFAULT_DAMPING[preconditioner] if damping_mode == "relative" else 1e-3
         if momentum is None:
             momentum = 0.9 if preconditioner == "diag+lowrank" else 0.0
-        check_hyper("lr", lr)
-        check_hyper("damping", damping)
-        check_hyper("delta", delta)
+        check_number("lr", lr)
+        check_number("damping", damping)
+        check_number("delta", delta)
         check_update_extras(weight_decay, momentum)
-        check_hyper("beta2", beta2)
+        check_number("beta2", beta2)
         if beta2 >= 1:
             raise ValueError(f"beta2 must be < 1, got {beta2}")
         if not isinstance(init_probes, int) or init_probes < 1:
@@ -271,9 +271,9 @@ class RankOneNewton(SecondOrderOptimizer):
         if damping_mode == "theory":
             if hessian_lipschitz is None:
                 raise ValueError("damping_mode='theory' needs hessian_lipschitz (M)")
-            check_hyper("hessian_lipschitz", hessian_lipschitz, strict=True)
+            check_number("hessian_lipschitz", hessian_lipschitz, strict=True)
         if lambda_max is not None:
-            check_hyper("lambda_max", lambda_max, strict=True)
+            check_number("lambda_max", lambda_max, strict=True)
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not isinstance(lambda_max_refresh, int) or lambda_max_refresh < 1:
@@ -308,7 +308,7 @@ class RankOneNewton(SecondOrderOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         for key in ("damping", "delta"):
-            check_hyper(f"param group {key}", group[key])
+            check_number(f"param group {key}", group[key])
         if (
             group["safeguard"]
             and group["preconditioner"] == "isotropic"

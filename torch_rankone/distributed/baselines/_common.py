@@ -13,7 +13,6 @@ products are :mod:`torch_rankone.glm`'s (:func:`~torch_rankone.glm.glm_loss`,
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..._validation import check_number
 from ...glm import GLMShard, glm_loss
 from .. import accounting as acc
 from ..compressors import Compressor
@@ -128,16 +128,6 @@ def paper_message_bits(compressor: Compressor, dim: int) -> float:
     """One compressed ``dim``-vector at the paper's per-message cost
     (:func:`~torch_rankone.distributed.accounting.published_message_bits`)."""
     return acc.published_message_bits(compressor, dim)
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = True) -> float:
-    """A finite real ``> low`` (``>= low`` when not ``strict``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
-        )
-    return float(value)
 
 
 class GLMBaseline(torch.optim.Optimizer):

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..._validation import check_number
 from .. import accounting as acc
-from ._common import GLMBaseline, check_number
+from ._common import GLMBaseline
 
 __all__ = ["BFGS", "bfgs_inverse_update"]
 

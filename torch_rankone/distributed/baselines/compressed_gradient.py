@@ -41,9 +41,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..._validation import check_number
 from .. import accounting as acc
 from ..compressors import Compressor
-from ._common import GLMBaseline, check_number, global_smoothness, smoothness
+from ._common import GLMBaseline, global_smoothness, smoothness
 
 __all__ = [
     "DCGD",
@@ -231,7 +232,7 @@ class DCGD(_CompressedGradient):
                 if self.family == "authors"
                 else dcgd_stepsize(L, self.omega, self.nodes.n)
             )
-        self.lr = check_number("lr", lr)
+        self.lr = check_number("lr", lr, strict=True)
 
     def _iterate(self, state: dict, x: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
         t = self.nodes.margins(x)
@@ -290,8 +291,8 @@ class DIANA(_CompressedGradient):
             if self.family == "authors"
             else diana_parameters(L, self.omega, n)
         )
-        self.lr = check_number("lr", lr_th if lr is None else lr)
-        self.alpha = check_number("alpha", alpha_th if alpha is None else alpha)
+        self.lr = check_number("lr", lr_th if lr is None else lr, strict=True)
+        self.alpha = check_number("alpha", alpha_th if alpha is None else alpha, strict=True)
         x = self._param
         self.state[x]["shifts"] = x.new_zeros(self.nodes.n, self.nodes.d)
 

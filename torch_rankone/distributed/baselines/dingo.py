@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..._validation import check_number
 from .. import accounting as acc
-from ._common import GLMBaseline, check_number
+from ._common import GLMBaseline
 
 __all__ = ["DINGO", "local_solve"]
 
@@ -85,7 +86,7 @@ class DINGO(GLMBaseline):
             raise TypeError(f"max_backtracks must be an int, got {type(max_backtracks).__name__}")
         if max_backtracks < 0:
             raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}")
-        rho = check_number("rho", rho)
+        rho = check_number("rho", rho, strict=True)
         if rho >= 1:
             raise ValueError(f"rho must lie in (0, 1), got {rho!r}")
         super().__init__(
@@ -98,8 +99,8 @@ class DINGO(GLMBaseline):
             accounting=accounting,
             generator=generator,
             defaults=dict(
-                theta=check_number("theta", theta),
-                phi=check_number("phi", phi),
+                theta=check_number("theta", theta, strict=True),
+                phi=check_number("phi", phi, strict=True),
                 rho=rho,
                 max_backtracks=max_backtracks,
             ),
@@ -108,7 +109,7 @@ class DINGO(GLMBaseline):
             step_cap = (0.01, 5) if self.family == "authors" else None
         if step_cap is not None:
             cap, its = step_cap
-            step_cap = (check_number("step_cap[0]", cap), int(its))
+            step_cap = (check_number("step_cap[0]", cap, strict=True), int(its))
         self.step_cap = step_cap
         state = self.state[self._param]
         state["line_search_failures"] = 0
