@@ -12,6 +12,9 @@
 TORCH_LIBRARY(torch_rankone, m) {
   // y = (c·I + U C Uᵀ)⁻¹ g, all tensors shaped like g.
   m.def("lowrank_solve(Tensor[] g, Tensor[] U, Tensor C, Tensor c) -> Tensor[]");
+  // The same y, and the sums of pass 1: G = UᵀU (packed lower triangle) then b = Uᵀg, in float64
+  // (the checked solve inspects them afterwards instead of a second pass). CPU only.
+  m.def("lowrank_solve_gram(Tensor[] g, Tensor[] U, Tensor C, Tensor c) -> (Tensor[], Tensor)");
   // params ← params − lr · (c·I + U C Uᵀ)⁻¹ g, in place, only if the solve succeeded (the
   // coefficients and lr/c finite); returns that as a 0-d bool tensor on the params' device.
   m.def(

@@ -48,6 +48,7 @@ __all__ = [
     "lowrank_gram",
     "lowrank_coefficients",
     "lowrank_solve",
+    "lowrank_solve_gram",
     "lowrank_solve_update",
     "gathered_outer_accumulate",
 ]
@@ -82,6 +83,12 @@ if _C is not None:
     @torch.library.register_fake("torch_rankone::lowrank_solve")
     def _(g, U, C, c):
         return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g]
+
+    @torch.library.register_fake("torch_rankone::lowrank_solve_gram")
+    def _(g, U, C, c):
+        k = C.shape[0]
+        y = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in g]
+        return y, C.new_empty(k * (k + 1) // 2 + k, dtype=torch.float64, device="cpu")
 
     @torch.library.register_fake("torch_rankone::lowrank_solve_update")
     def _(params, g, U, C, c, lr):
@@ -239,6 +246,26 @@ def lowrank_solve(
         C = torch.as_tensor(C, dtype=torch.float64)
         return list(torch.ops.torch_rankone.lowrank_solve(list(g), flat_u, C, _scalar(c)))
     return lowrank_solve_reference(g, U, C, c)
+
+
+def lowrank_solve_gram(
+    g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], C: Tensor, c: float | Tensor
+) -> tuple[TensorList, Tensor, Tensor]:
+    """``(y, G, b)``: the solve of :func:`lowrank_solve` and the ``G = UᵀU``, ``b = Uᵀg`` (float64)
+    it was computed from — one pass over the data with the compiled CPU op (its pass 1 sums), so a
+    caller can inspect the ``k×k`` system after solving; the reference computes them apart."""
+    k = len(U)
+    if _use_op(chain(g, *U)) and 1 <= k <= MAX_RANK and g[0].device.type == "cpu":
+        flat_u = [t for u in U for t in u]
+        C = torch.as_tensor(C, dtype=torch.float64)
+        y, sums = torch.ops.torch_rankone.lowrank_solve_gram(list(g), flat_u, C, _scalar(c))
+        rows, cols = torch.tril_indices(k, k)
+        G = sums.new_zeros(k, k)
+        G[rows, cols] = sums[: rows.numel()]
+        G[cols, rows] = sums[: rows.numel()]
+        return list(y), G, sums[rows.numel() :]
+    G, b = lowrank_gram(g, U)
+    return lowrank_solve(g, U, C, c), G, b
 
 
 def lowrank_solve_update(

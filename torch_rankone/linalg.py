@@ -187,8 +187,14 @@ def lowrank_solve(
     c_val = float(c)
     if not math.isfinite(c_val):
         raise ValueError(f"lowrank_solve: c must be finite, got {c_val}")
-    G, b = _ext.lowrank_gram(gs, Us)
     n, k = numel(gs), len(Us)
+    # N > k: solve first, in one pass that also yields G and b (the compiled op's pass-1 sums),
+    # then inspect the k×k system; a refused system discards y. N ≤ k is solved densely below.
+    y = None
+    if n > k:
+        y, G, b = _ext.lowrank_solve_gram(gs, Us, C64, c_val)
+    else:
+        G, b = _ext.lowrank_gram(gs, Us)
     if not (torch.isfinite(G).all() and torch.isfinite(b).all()):
         raise ValueError("lowrank_solve: U or g contains non-finite values")
     spec = lowrank_spectrum(G, C64.to(G.device), c_val)
@@ -222,8 +228,6 @@ def lowrank_solve(
     if dense is not None:
         y64 = torch.linalg.solve(dense, flatten(gs).double())
         y = unflatten(y64.to(gs[0].dtype), gs)
-    else:  # checked: the compiled solve (where it applies) is now safe to use as it is
-        y = _ext.lowrank_solve(gs, Us, C64, c_val)
     return y[0] if single else y
 
 

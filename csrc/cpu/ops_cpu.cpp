@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -35,7 +36,7 @@ std::atomic<const KernelTable*> active{nullptr};
 // Lowrank solve on a validated problem whose outputs are bound: pass 1 (partial sums per chunk,
 // in parallel), their sum in chunk order, the k×k solve, pass 2 (in parallel). In place, pass 2
 // is skipped when the solve failed (NaN coefficients) or lr/c is not finite; returns whether it ran.
-bool run_lowrank(const LowrankProblem& prob, bool in_place) {
+bool run_lowrank(const LowrankProblem& prob, bool in_place, double* sums_out = nullptr) {
   const KernelTable& table = kernels();
   const int D = prob.dtype == at::kDouble ? 1 : 0;
   const int k = prob.k, S = num_sums(k);
@@ -52,6 +53,7 @@ bool run_lowrank(const LowrankProblem& prob, bool in_place) {
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     for (int s = 0; s < S; ++s) sums[s] += partials[ci * S + s];
   }
+  if (sums_out != nullptr) std::memcpy(sums_out, sums, S * sizeof(double));
   double coefs[kMaxRank + 1];
   woodbury_coefficients(k, sums, prob.C, prob.c, coefs);
   coefs[k] = output_scale(in_place, prob.c, prob.lr);
@@ -71,6 +73,18 @@ std::vector<at::Tensor> lowrank_solve(at::TensorList g, at::TensorList U, const 
   std::vector<at::Tensor> y = bind_outputs(prob, {}, g);
   run_lowrank(prob, /*in_place=*/false);
   return y;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> lowrank_solve_gram(at::TensorList g,
+                                                                    at::TensorList U,
+                                                                    const at::Tensor& C,
+                                                                    const at::Tensor& c) {
+  LowrankProblem prob = check_lowrank("torch_rankone.lowrank_solve_gram", c10::kCPU, {}, g, U, C,
+                                      c, at::Tensor(), kChunk);
+  std::vector<at::Tensor> y = bind_outputs(prob, {}, g);
+  at::Tensor sums = at::empty({num_sums(prob.k)}, at::TensorOptions().dtype(at::kDouble));
+  run_lowrank(prob, /*in_place=*/false, sums.data_ptr<double>());
+  return {y, sums};
 }
 
 at::Tensor lowrank_solve_update(at::TensorList params, at::TensorList g, at::TensorList U,
@@ -154,6 +168,7 @@ bool set_isa(const char* name) {
 
 TORCH_LIBRARY_IMPL(torch_rankone, CPU, m) {
   m.impl("lowrank_solve", &torch_rankone::cpu::lowrank_solve);
+  m.impl("lowrank_solve_gram", &torch_rankone::cpu::lowrank_solve_gram);
   m.impl("lowrank_solve_update", &torch_rankone::cpu::lowrank_solve_update);
   m.impl("gathered_outer_accumulate", &torch_rankone::cpu::gathered_outer_accumulate);
 }
