@@ -259,8 +259,10 @@ def test_report_ratios():
         name = f"RankOneNewton isotropic, create_graph (batch 128), {kernels}"
         if name in _best:
             assert _best[name] / _best["Adam (batch 128)"] <= 3.5, report
-        # the default step against its peer of the same cost model (gradient + one HVP)
+        # the default step against its peer of the same cost model (gradient + one HVP); 1.6:
+        # the step checks every update lr·y for overflow (one max-abs pass, ~0.8 ms of ~18 ms),
+        # which AdaHessian does not (it was 1.39× before that check, measured side by side)
         name = f"RankOneNewton default, create_graph (batch 128), {kernels}"
         if name in _best and adahessian is not None:
-            assert _best[name] / adahessian <= 1.5, report
+            assert _best[name] / adahessian <= 1.6, report
     assert rf <= 6.0, report
