@@ -23,6 +23,7 @@ _INTERNAL = (
     "warnings",
     "contextlib",
     "functools",
+    "mutmut",  # the mutation-testing tool wraps every function of the package
 )
 
 
