@@ -18,6 +18,16 @@ if os.environ.get("CI"):
 SHARED_LIBSVM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "libsvm"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: small per-iteration operations (sparse products,
+    d×d solves) stall on a second thread of a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     if not torch.cuda.is_available():

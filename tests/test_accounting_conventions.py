@@ -19,12 +19,7 @@ N, M, D, LAM = 3, 6, 5, 0.1
 LOG2_C_5_2 = math.log2(10)  # log2 C(5, 2): which 2 of the 5 entries
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread
 
 
 @pytest.fixture

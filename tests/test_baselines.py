@@ -17,13 +17,7 @@ from torch_rankone.glm import glm_newton
 N_NODES, M, D, LAM = 3, 6, 5, 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the small sparse products are slower with more on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread
 
 
 @pytest.fixture

@@ -590,16 +590,6 @@ def _run_to_1e10(name, variant, start, budget):
     return gap
 
 
-@pytest.fixture
-def one_thread():
-    """Small per-iteration operations: one intra-op thread avoids the stalls a second thread
-    causes on a busy 2-core machine (see tests/benchmarks/test_bench_newton_learn.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("name", "variant", "start", "budget"), CASES)
 def test_real_data_reaches_1e10(name, variant, start, budget):
