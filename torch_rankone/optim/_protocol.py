@@ -662,12 +662,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """One optimizer step (see the class docstring); returns the loss, averaged over the
         ranks when distributed (``None`` for graph gradients)."""
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        if self._layout is None and params:
-            layout = layout_of(params, self.process_group)
-            check_same_params(params, layout, type(self).__name__)
-            self._layout = layout
-        if self._layout is not None and self._layout.kind == "shards":
+        if self._layout is None:  # the first step decides the layout and checks the ranks
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            if params:
+                layout = layout_of(params, self.process_group)
+                check_same_params(params, layout, type(self).__name__)
+                self._layout = layout
+        if self._sharded:
             with sharded_over(self._layout.group):
                 return self._step(closure)
         return self._step(closure)
