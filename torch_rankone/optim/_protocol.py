@@ -408,7 +408,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
         process_group: Any = None,
         grads_synced: bool | None = None,
+        module: torch.nn.Module | None = None,
     ) -> None:
+        check_module(module)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
@@ -420,6 +422,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.generator = generator
         self.process_group = process_group
         self.grads_synced = grads_synced
+        self.module = module
         self._layout: Layout | None = None  # decided (and checked across ranks) at step 1
         self._seed_synced = False
         self.state = _ParamState(dict, self.state)
@@ -480,6 +483,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         must agree with the first group (only ``_per_group`` ones may differ). Subclasses add
         their own checks. Run by ``__init__`` and by :meth:`add_param_group`."""
         check_number("param group lr", group["lr"])
+        if group.get("hvp", "auto") not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {group['hvp']!r}")
         if "momentum" in group:
             check_update_extras(group["weight_decay"], group["momentum"])
         if any(p.is_complex() for p in group["params"]):

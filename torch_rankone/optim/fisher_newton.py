@@ -37,7 +37,6 @@ from ._protocol import (
     CurvatureError,
     SecondOrderOptimizer,
     all_finite,
-    check_module,
     check_update_extras,
     grad_snapshot,
     grads_written,
@@ -493,7 +492,6 @@ class FisherNewton(SecondOrderOptimizer):
         check_update_extras(weight_decay, momentum)
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, strict=True)
-        check_module(module)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if fisher not in ("empirical", "true"):
@@ -526,8 +524,9 @@ class FisherNewton(SecondOrderOptimizer):
             momentum=momentum,
             weight_decay=weight_decay,
         )
-        super().__init__(params, defaults, generator=generator, process_group=process_group)
-        self.module = module
+        super().__init__(
+            params, defaults, generator=generator, process_group=process_group, module=module
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -18,14 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._validation import check_number
+from .._validation import check_int, check_number
 from ..curvature import power_iteration
 from ..linalg import neumann_series
 from ._protocol import (
-    HVP_MODES,
     SecondOrderOptimizer,
     all_finite,
-    check_module,
     check_update_extras,
     split_groups,
 )
@@ -139,8 +137,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         check_number("lr", lr)
         check_number("damping", damping, strict=damping_mode == "relative")
         check_update_extras(weight_decay, momentum)
-        if not isinstance(num_terms, int) or num_terms < 1:
-            raise ValueError(f"num_terms must be an int >= 1, got {num_terms!r}")
+        check_int("num_terms", num_terms)
         if scale is not None:
             check_number("scale", scale, strict=True)
             if damping_mode == "relative":
@@ -148,11 +145,7 @@ class NeumannIHVP(SecondOrderOptimizer):
                     "scale is estimated in damping_mode='relative'; pass damping_mode='fixed' "
                     "to give it"
                 )
-        if not isinstance(scale_refresh, int) or scale_refresh < 1:
-            raise ValueError(f"scale_refresh must be an int >= 1, got {scale_refresh!r}")
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        check_module(module)
+        check_int("scale_refresh", scale_refresh)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -170,8 +163,8 @@ class NeumannIHVP(SecondOrderOptimizer):
             generator=generator,
             process_group=process_group,
             grads_synced=grads_synced,
+            module=module,
         )
-        self.module = module
 
     @property
     def health_check_every(self) -> int:  # the counters are read when the scale is refreshed

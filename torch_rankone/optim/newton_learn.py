@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._random import owned_generator
-from .._validation import check_number
+from .._validation import check_int, check_number
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, Identity, RandK
 from ..distributed.transports import CollectiveTransport, ProtocolError, SimulatedTransport
@@ -746,8 +746,7 @@ class NewtonLearn(torch.optim.Optimizer):
             True
         """
         check_number("tol", tol, strict=True)
-        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        check_int("max_iter", max_iter)
         first = len(self.history)
         for _ in range(max_iter):
             self.step()

@@ -28,14 +28,12 @@ from .._tensorlist import (
     rademacher_like,
     randn_like,
 )
-from .._validation import check_number
+from .._validation import check_int, check_number
 from ..curvature import power_iteration
 from ..linalg import shifted_lowrank_solve
 from ._protocol import (
-    HVP_MODES,
     SecondOrderOptimizer,
     all_finite,
-    check_module,
     check_update_extras,
     split_groups,
 )
@@ -264,8 +262,7 @@ class RankOneNewton(SecondOrderOptimizer):
         check_number("beta2", beta2)
         if beta2 >= 1:
             raise ValueError(f"beta2 must be < 1, got {beta2}")
-        if not isinstance(init_probes, int) or init_probes < 1:
-            raise ValueError(f"init_probes must be an int >= 1, got {init_probes!r}")
+        check_int("init_probes", init_probes)
         if not isinstance(rank, int) or not 0 <= rank <= _ext.MAX_RANK:
             raise ValueError(f"rank must be an int in [0, {_ext.MAX_RANK}], got {rank!r}")
         if damping_mode == "theory":
@@ -274,11 +271,7 @@ class RankOneNewton(SecondOrderOptimizer):
             check_number("hessian_lipschitz", hessian_lipschitz, strict=True)
         if lambda_max is not None:
             check_number("lambda_max", lambda_max, strict=True)
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        if not isinstance(lambda_max_refresh, int) or lambda_max_refresh < 1:
-            raise ValueError(f"lambda_max_refresh must be an int >= 1, got {lambda_max_refresh}")
-        check_module(module)
+        check_int("lambda_max_refresh", lambda_max_refresh)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -302,8 +295,8 @@ class RankOneNewton(SecondOrderOptimizer):
             generator=generator,
             process_group=process_group,
             grads_synced=grads_synced,
+            module=module,
         )
-        self.module = module
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
