@@ -156,3 +156,48 @@ def test_power_iteration_finds_negative_dominant_eigenvalue_and_warns_when_stall
     assert not res2.converged
     with pytest.raises(FloatingPointError):
         power_iteration(lambda v: [v[0] * float("nan")], like, generator=gen)
+
+
+def test_power_iteration_contract_defaults_start_and_validation():
+    """The documented contract, against dense eigendecompositions: ``tol`` (default 1e-6) is the
+    relative residual at which it stops, ``max_iters`` (default 100) the HVP budget, ``init`` the
+    start (an exact eigenvector stops after one HVP), ``generator`` the random start, and
+    ``raise_nonfinite=False`` returns a NaN eigenvalue instead of raising."""
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    eig = torch.tensor([4.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    H = Q @ torch.diag(eig) @ Q.T
+    like = [torch.zeros(6, dtype=torch.float64)]
+
+    def hvp(v):
+        return [H @ v[0]]
+
+    res = power_iteration(hvp, like, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.residual <= 1e-6 < 1.0
+    assert abs(float(res.eigenvalue) - 4.0) < 1e-9  # error ~ tol² λ / gap
+    assert 1 < res.num_iters < 100
+    exact = power_iteration(hvp, like, init=[Q[:, 0].clone()])
+    assert exact.num_iters == 1 and exact.converged
+    assert torch.allclose(exact.eigenvector[0].abs(), Q[:, 0].abs(), atol=1e-12)
+    # the default budget: ±4 of equal magnitude never converges
+    H2 = Q @ torch.diag(torch.tensor([4.0, -4.0, 1, 1, 1, 1], dtype=torch.float64)) @ Q.T
+    with pytest.warns(RuntimeWarning, match="not converged after 100 iterations"):
+        stalled = power_iteration(lambda v: [H2 @ v[0]], like, generator=gen)
+    assert stalled.num_iters == 100 and not stalled.converged
+    # the start comes from the generator given: equal seeds, equal results; others differ
+    runs = [
+        power_iteration(
+            hvp, like, max_iters=1, generator=torch.Generator().manual_seed(s), warn=False
+        )
+        for s in (3, 3, 4)
+    ]
+    assert torch.equal(runs[0].eigenvector[0], runs[1].eigenvector[0])
+    assert not torch.equal(runs[0].eigenvector[0], runs[2].eigenvector[0])
+    assert runs[0].num_iters == 1
+    for kwargs, match in [({"max_iters": 0}, "max_iters must be >= 1"), ({"tol": 0.0}, "tol")]:
+        with pytest.raises(ValueError, match=match):
+            power_iteration(hvp, like, **kwargs)
+    nan = power_iteration(
+        lambda v: [v[0] * float("nan")], like, raise_nonfinite=False, generator=gen
+    )
+    assert torch.isnan(nan.eigenvalue) and not nan.converged
