@@ -120,3 +120,19 @@ def test_options_are_validated():
         RankOneNewton(prob.params, momentum=1.0)
     with pytest.raises(ValueError, match="beta2"):
         RankOneNewton(prob.params, beta2=1.0)
+
+
+def test_nystrom_core_keeps_only_clearly_positive_curvature():
+    """One sketch: ``1/θ`` for ``θ = ωᵀy > 0``, exactly 0 for ``θ = 0`` and ``θ < 0``; several:
+    eigenvalues of the symmetrised ``ΩᵀY`` at or below ``rcond·max|θ|`` are dropped."""
+    w = torch.tensor([1.0, 0.0], dtype=F64)
+    for y, want in [([2.0, 5.0], 0.5), ([0.0, 5.0], 0.0), ([-2.0, 1.0], 0.0)]:
+        C = nystrom_core([[w]], [[torch.tensor(y, dtype=F64)]])
+        assert C.shape == (1, 1) and float(C) == want, (y, float(C))
+    # two sketches of a diagonal H = diag(1, 1e-9): the 1e-9 direction is below rcond = 1e-6
+    Om = torch.eye(2, dtype=F64)
+    Y = torch.diag(torch.tensor([1.0, 1e-9], dtype=F64))
+    C = nystrom_core([[Om[:, 0]], [Om[:, 1]]], [[Y[:, 0]], [Y[:, 1]]])
+    assert torch.allclose(C, torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), atol=0)
+    C = nystrom_core([[Om[:, 0]], [Om[:, 1]]], [[Y[:, 0]], [Y[:, 1]]], rcond=1e-10)
+    assert torch.allclose(C, torch.diag(torch.tensor([1.0, 1e9], dtype=F64)), rtol=1e-12)

@@ -236,8 +236,6 @@ class NeumannIHVP(SecondOrderOptimizer):
 
 
 def _largest_quotient(res) -> Tensor:
-    """The largest finite Rayleigh quotient of ``A = (H + λI)/s`` the series saw (0 if none)."""
-    quotients = res.rayleigh_quotients
-    if not quotients.numel():
-        return torch.zeros((), dtype=torch.float64, device=quotients.device)
-    return torch.nan_to_num(quotients, nan=0.0, posinf=0.0, neginf=0.0).max()
+    """The largest finite Rayleigh quotient of ``A = (H + λI)/s`` the series saw (0 if none is
+    finite; ``num_terms ≥ 1`` gives at least one)."""
+    return torch.nan_to_num(res.rayleigh_quotients, nan=0.0, posinf=0.0, neginf=0.0).max()
