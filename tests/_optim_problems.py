@@ -89,3 +89,32 @@ def same_direction(params, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     z = flatten([torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params])
     return z / z.norm()
+
+
+def bce_per_sample(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, one value per row (``reduction="none"``)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        out.squeeze(-1), t, reduction="none"
+    )
+
+
+def fit_to_optimum(model: torch.nn.Module, mean_loss, wd: float) -> torch.nn.Module:
+    """Train ``model`` to the optimum of ``mean_loss() + (wd/2)‖params‖²`` by L-BFGS with a
+    strong-Wolfe line search (gradient tolerance 1e-12): influence functions assume it."""
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=200,
+        tolerance_grad=1e-12,
+        tolerance_change=0,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = mean_loss() + wd / 2 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _optim_problems import bce_per_sample, fit_to_optimum
 
 from torch_rankone.influence import influence
 
 F64 = torch.float64
 
 
-def _bce(out, t):
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        out.squeeze(-1), t, reduction="none"
-    )
+_bce = bce_per_sample
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +23,7 @@ def convex_problem():
     y = (torch.rand(200, generator=gen, dtype=F64) < torch.sigmoid(X @ w_true)).to(F64)
     model = torch.nn.Linear(6, 1).to(F64)
     wd = 0.05
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        lr=1,
-        max_iter=200,
-        tolerance_grad=1e-12,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = _bce(model(X), y).mean() + wd / 2 * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_to_optimum(model, lambda: _bce(model(X), y).mean(), wd)
     return model, (X[:150], y[:150]), (X[150:155], y[150:155]), wd
 
 

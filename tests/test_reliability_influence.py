@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _optim_problems import bce_per_sample, fit_to_optimum
 
 from torch_rankone import linalg
 from torch_rankone.influence import influence
@@ -18,8 +19,7 @@ def _ce(out, t):
     return F.cross_entropy(out, t, reduction="none")
 
 
-def _bce(out, t):
-    return F.binary_cross_entropy_with_logits(out.squeeze(-1), t, reduction="none")
+_bce = bce_per_sample
 
 
 def _softmax_regression(n=20, d=5, classes=3, wd=0.01):
@@ -28,18 +28,7 @@ def _softmax_regression(n=20, d=5, classes=3, wd=0.01):
     X = torch.randn(n, d, generator=gen, dtype=F64)
     y = torch.randint(0, classes, (n,), generator=gen)
     model = torch.nn.Linear(d, classes).to(F64)
-    opt = torch.optim.LBFGS(
-        model.parameters(), lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(X), y) + wd / 2 * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_to_optimum(model, lambda: F.cross_entropy(model(X), y), wd)
     return model, (X, y), (X[:4], y[:4]), wd
 
 
@@ -109,18 +98,7 @@ def ill_conditioned_logreg():
     y = (torch.rand(200, generator=gen, dtype=F64) < torch.sigmoid(X @ w_true)).to(F64)
     model = torch.nn.Linear(6, 1).to(F64)
     wd = 0.002
-    opt = torch.optim.LBFGS(
-        model.parameters(), lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def closure():
-        opt.zero_grad()
-        loss = _bce(model(X), y).mean() + wd / 2 * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_to_optimum(model, lambda: _bce(model(X), y).mean(), wd)
     return model, (X[:150], y[:150]), (X[150:155], y[150:155]), wd
 
 
