@@ -10,6 +10,7 @@ import torch
 
 from torch_rankone.distributed.compressors import (
     Bernoulli,
+    Compressor,
     Identity,
     NaturalCompression,
     RandK,
@@ -148,3 +149,15 @@ def test_bernoulli_inner_type_and_r_above_dim():
         Bernoulli(0.5, "randk")
     with pytest.raises(ValueError, match="dim >= r"):
         RandK(8)(torch.zeros(DIM))
+
+
+def test_compressor_subclass_missing_a_method_is_refused_at_construction():
+    class NoOmega(Compressor):
+        def __call__(self, x, generator=None):
+            return x
+
+        def bits(self, dim):
+            return 32.0 * dim
+
+    with pytest.raises(TypeError, match="abstract method.*omega"):
+        NoOmega()

@@ -233,6 +233,21 @@ def lowrank_solve_update_reference(
     return applied
 
 
+def _lowrank_op_args(
+    g: Sequence[Tensor],
+    U: Sequence[Sequence[Tensor]],
+    C: Tensor,
+    c: float | Tensor,
+    params: Sequence[Tensor] = (),
+) -> tuple[list[Tensor], list[Tensor], Tensor, float | Tensor] | None:
+    """The compiled low-rank ops' ``(g, U flattened rank-major, C in float64, c)``, or ``None``
+    when they do not apply to these tensors (and ``params``, for the fused update): extension
+    missing, unsupported or mixed dtypes/devices, or a rank outside ``1..MAX_RANK``."""
+    if not (_use_op(chain(params, g, *U)) and 1 <= len(U) <= MAX_RANK):
+        return None
+    return list(g), [t for u in U for t in u], torch.as_tensor(C, dtype=torch.float64), _scalar(c)
+
+
 def lowrank_solve(
     g: Sequence[Tensor], U: Sequence[Sequence[Tensor]], C: Tensor, c: float | Tensor
 ) -> TensorList:
@@ -240,11 +255,10 @@ def lowrank_solve(
 
     The compiled op when it applies (see the module docstring), else the reference.
     """
-    if _use_op(chain(g, *U)) and 1 <= len(U) <= MAX_RANK:
+    args = _lowrank_op_args(g, U, C, c)
+    if args is not None:
         _check_not_capturing(g[0].device, "lowrank_solve")
-        flat_u = [t for u in U for t in u]
-        C = torch.as_tensor(C, dtype=torch.float64)
-        return list(torch.ops.torch_rankone.lowrank_solve(list(g), flat_u, C, _scalar(c)))
+        return list(torch.ops.torch_rankone.lowrank_solve(*args))
     return lowrank_solve_reference(g, U, C, c)
 
 
@@ -254,13 +268,11 @@ def lowrank_solve_gram(
     """``(y, G, b)``: the solve of :func:`lowrank_solve` and the ``G = UᵀU``, ``b = Uᵀg`` (float64)
     it was computed from — one pass over the data with the compiled CPU op (its pass 1 sums), so a
     caller can inspect the ``k×k`` system after solving; the reference computes them apart."""
-    k = len(U)
-    if _use_op(chain(g, *U)) and 1 <= k <= MAX_RANK and g[0].device.type == "cpu":
-        flat_u = [t for u in U for t in u]
-        C = torch.as_tensor(C, dtype=torch.float64)
-        y, sums = torch.ops.torch_rankone.lowrank_solve_gram(list(g), flat_u, C, _scalar(c))
-        rows, cols = torch.tril_indices(k, k)
-        G = sums.new_zeros(k, k)
+    args = _lowrank_op_args(g, U, C, c)
+    if args is not None and g[0].device.type == "cpu":
+        y, sums = torch.ops.torch_rankone.lowrank_solve_gram(*args)
+        rows, cols = torch.tril_indices(len(U), len(U))
+        G = sums.new_zeros(len(U), len(U))
         G[rows, cols] = sums[: rows.numel()]
         G[cols, rows] = sums[: rows.numel()]
         return list(y), G, sums[rows.numel() :]
@@ -282,13 +294,10 @@ def lowrank_solve_update(
     non-finite or ``lr/c`` is not finite (pass ``lr = NaN`` to veto a step), ``params`` stay as
     they were. Returns that outcome as a 0-d bool tensor on the parameters' device, no sync.
     """
-    if _use_op(chain(params, g, *U)) and 1 <= len(U) <= MAX_RANK:
+    args = _lowrank_op_args(g, U, C, c, params)
+    if args is not None:
         _check_not_capturing(g[0].device, "lowrank_solve_update")
-        flat_u = [t for u in U for t in u]
-        C = torch.as_tensor(C, dtype=torch.float64)
-        return torch.ops.torch_rankone.lowrank_solve_update(
-            list(params), list(g), flat_u, C, _scalar(c), _scalar(lr)
-        )
+        return torch.ops.torch_rankone.lowrank_solve_update(list(params), *args, _scalar(lr))
     return lowrank_solve_update_reference(params, g, U, C, c, lr)
 
 

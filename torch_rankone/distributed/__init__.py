@@ -3,7 +3,7 @@ the parameter-server protocol over simulated nodes or ``torch.distributed``, and
 baselines (Newton, DCGD, DIANA, ADIANA, BFGS, DINGO) with the same accounting."""
 
 from . import accounting, baselines, compressors, transports
-from .compressors import (
+from .compressors import (  # noqa: F401  (re-exported through compressors.__all__)
     Bernoulli,
     Compressor,
     Identity,
@@ -19,12 +19,6 @@ __all__ = [
     "baselines",
     "compressors",
     "transports",
-    "Compressor",
-    "Identity",
-    "RandK",
-    "TopK",
-    "RandomDithering",
-    "NaturalCompression",
-    "Bernoulli",
+    *compressors.__all__,
     "ProtocolError",
 ]

@@ -23,6 +23,7 @@ compression for distributed deep learning" (2019).
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -55,22 +56,25 @@ def log2_binomial(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
-class Compressor:
-    """Base class: ``__call__(x, generator)``, ``omega(dim)``, ``bits(dim)``, ``message_bits``."""
+class Compressor(abc.ABC):
+    """Base class: ``__call__(x, generator)``, ``omega(dim)``, ``bits(dim)``, ``message_bits``.
+
+    A subclass that leaves one of the first three out cannot be instantiated (``TypeError``)."""
 
     #: ``E[C(x)] = x`` holds
     unbiased: bool = True
 
+    @abc.abstractmethod
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError
+        """``C(x)`` of every row of ``x`` (last dimension), one independent draw per row."""
 
+    @abc.abstractmethod
     def omega(self, dim: int) -> float:
         """Variance parameter ``ω`` of (18) for vectors of length ``dim``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bits(self, dim: int) -> float:
         """Bits of one compressed message of a ``dim``-vector."""
-        raise NotImplementedError
 
     def message_bits(self, out: Tensor) -> Tensor:
         """Realised bits of each row of a compressed batch ``out`` (shape ``out.shape[:-1]``)."""

@@ -23,7 +23,7 @@ import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -377,6 +377,20 @@ def check_update_extras(weight_decay: Any, momentum: Any) -> None:
     check_number("momentum", momentum)
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1 (an exponential average), got {momentum}")
+
+
+class StepOptions(TypedDict, total=False):
+    """Keyword options of the HVP-based optimizers (RankOneNewton, NeumannIHVP; FisherNewton
+    takes all but ``grads_synced``, its per-sample gradients being its own): ``generator`` (the
+    probes' randomness; default one owned by the optimizer, seeded from ``torch.initial_seed()``),
+    ``process_group`` (the data-parallel group; default the world), ``grads_synced`` (whether
+    ``.grad`` arrives averaged over ranks; default: True for a DDP-wrapped ``module``) and
+    ``module`` (the model, for DDP/FSDP2 and the exact-HVP check)."""
+
+    generator: torch.Generator | None
+    process_group: Any
+    grads_synced: bool | None
+    module: torch.nn.Module | None
 
 
 class SecondOrderOptimizer(torch.optim.Optimizer):

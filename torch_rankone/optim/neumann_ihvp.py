@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from .._validation import check_int, check_number
 from ..curvature import power_iteration
 from ..linalg import neumann_series
 from ._protocol import (
     SecondOrderOptimizer,
+    StepOptions,
     all_finite,
     check_update_extras,
     split_groups,
@@ -86,19 +88,19 @@ class NeumannIHVP(SecondOrderOptimizer):
     skipped steps are reported by a ``RuntimeWarning`` at the sync points of
     :meth:`SecondOrderOptimizer._check_health` (calls 1, 2, 4, …, then every ``scale_refresh``).
 
-    Example:
+    Example (least squares: the Hessian is ``2AᵀA/m``, and each step takes a damped Newton step;
+    the closure computes the loss, the optimizer its gradient and HVPs):
         >>> import torch
-        >>> from torch import nn
         >>> from torch_rankone import NeumannIHVP
-        >>> _ = torch.manual_seed(0)
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
-        >>> opt = NeumannIHVP(model.parameters())
-        >>> first = torch.nn.functional.mse_loss(model(x), y).item()
-        >>> for _ in range(30):
-        ...     loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-        >>> loss.item() < first
-        True
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(64, 4, generator=gen)
+        >>> b = A @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+        >>> w = torch.zeros(4, requires_grad=True)
+        >>> opt = NeumannIHVP([w])
+        >>> for _ in range(20):
+        ...     loss = opt.step(lambda: ((A @ w - b) ** 2).mean())
+        >>> torch.round(w.detach(), decimals=2)
+        tensor([ 1.0000, -2.0000,  0.5000,  3.0000])
     """
 
     _per_group = ("lr", "momentum", "weight_decay")
@@ -125,10 +127,7 @@ class NeumannIHVP(SecondOrderOptimizer):
         damping_mode: str = "relative",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        process_group: Any = None,
-        generator: torch.Generator | None = None,
-        module: torch.nn.Module | None = None,
-        grads_synced: bool | None = None,
+        **options: Unpack[StepOptions],
     ) -> None:
         if damping_mode not in ("relative", "fixed"):
             raise ValueError(f"damping_mode must be 'relative' or 'fixed', got {damping_mode!r}")
@@ -157,14 +156,7 @@ class NeumannIHVP(SecondOrderOptimizer):
             hvp=hvp,
             scale_refresh=scale_refresh,
         )
-        super().__init__(
-            params,
-            defaults,
-            generator=generator,
-            process_group=process_group,
-            grads_synced=grads_synced,
-            module=module,
-        )
+        super().__init__(params, defaults, **options)
 
     @property
     def health_check_every(self) -> int:  # the counters are read when the scale is refreshed

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from .. import _ext
 from .._tensorlist import (
@@ -33,6 +34,7 @@ from ..curvature import power_iteration
 from ..linalg import shifted_lowrank_solve
 from ._protocol import (
     SecondOrderOptimizer,
+    StepOptions,
     all_finite,
     check_update_extras,
     split_groups,
@@ -226,7 +228,6 @@ class RankOneNewton(SecondOrderOptimizer):
         lambda_max: float | None = None,
         safeguard: bool = True,
         hvp: str = "auto",
-        generator: torch.Generator | None = None,
         *,
         preconditioner: str = "diag+lowrank",
         rank: int = 1,
@@ -234,10 +235,8 @@ class RankOneNewton(SecondOrderOptimizer):
         init_probes: int = 10,
         momentum: float | None = None,
         weight_decay: float = 0.0,
-        process_group: Any = None,
         lambda_max_refresh: int = 100,
-        module: torch.nn.Module | None = None,
-        grads_synced: bool | None = None,
+        **options: Unpack[StepOptions],
     ) -> None:
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(
@@ -289,14 +288,7 @@ class RankOneNewton(SecondOrderOptimizer):
             momentum=momentum,
             weight_decay=weight_decay,
         )
-        super().__init__(
-            params,
-            defaults,
-            generator=generator,
-            process_group=process_group,
-            grads_synced=grads_synced,
-            module=module,
-        )
+        super().__init__(params, defaults, **options)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

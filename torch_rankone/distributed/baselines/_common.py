@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from ..compressors import Compressor
 __all__ = [
     "GLMNodes",
     "GLMBaseline",
+    "GLMOptions",
     "global_smoothness",
     "paper_message_bits",
     "smoothness",
@@ -130,6 +131,22 @@ def paper_message_bits(compressor: Compressor, dim: int) -> float:
     return acc.published_message_bits(compressor, dim)
 
 
+class GLMOptions(TypedDict, total=False):
+    """The keyword options every baseline takes, with NewtonLearn's meaning and defaults.
+
+    ``loss``: ``"logistic"`` (default), ``"squared"`` or a function ``φ(t, b)``; ``lam``: ``λ ≥ 0``
+    (default ``1e-3``); ``num_nodes``: ``n`` (default 1); ``accounting``: ``"theory"`` (default),
+    ``"authors-code"`` or ``"authors-text"`` (:mod:`torch_rankone.distributed.accounting`);
+    ``generator``: the source of randomness (default: seeded from ``torch.initial_seed()``).
+    """
+
+    loss: str | Callable[[Tensor, Tensor], Tensor]
+    lam: float
+    num_nodes: int | None
+    accounting: str
+    generator: torch.Generator | None
+
+
 class GLMBaseline(torch.optim.Optimizer):
     """Shell shared by the baselines: input checks, the node split, the bit count and the
     history, in NewtonLearn's format.
@@ -155,12 +172,12 @@ class GLMBaseline(torch.optim.Optimizer):
         features: Tensor,
         targets: Tensor,
         *,
-        loss: str | Callable[[Tensor, Tensor], Tensor],
-        lam: float,
-        num_nodes: int | None,
-        accounting: str,
-        generator: torch.Generator | None,
         defaults: dict[str, Any],
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
+        lam: float = 1e-3,
+        num_nodes: int | None = None,
+        accounting: str = "theory",
+        generator: torch.Generator | None = None,
     ) -> None:
         lam = check_number("lam", lam, strict=False)
         accounting = acc.canonical(accounting)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from ..._validation import check_number
 from .. import accounting as acc
-from ._common import GLMBaseline
+from ._common import GLMBaseline, GLMOptions
 
 __all__ = ["BFGS", "bfgs_inverse_update"]
 
@@ -61,25 +62,12 @@ class BFGS(GLMBaseline):
         params: Iterable[Tensor],
         features: Tensor,
         targets: Tensor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
+        *,
         curvature_eps: float = 1e-10,
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
         self.curvature_eps = check_number("curvature_eps", curvature_eps, strict=False)
-        super().__init__(
-            params,
-            features,
-            targets,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-            defaults={},
-        )
+        super().__init__(params, features, targets, defaults={}, **options)
         x = self._param.detach().reshape(-1)
         state = self.state[self._param]
         state["inverse"] = torch.linalg.inv(self.nodes.hessian(x, self._lam))

@@ -35,16 +35,17 @@ single vector at the paper's per-message cost
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from ..._validation import check_number
 from .. import accounting as acc
 from ..compressors import Compressor
-from ._common import GLMBaseline, global_smoothness, smoothness
+from ._common import GLMBaseline, GLMOptions, global_smoothness, smoothness
 
 __all__ = [
     "DCGD",
@@ -134,11 +135,7 @@ class _CompressedGradient(GLMBaseline):
         targets: Tensor,
         *,
         compressor: Compressor,
-        loss: str | Callable[[Tensor, Tensor], Tensor],
-        lam: float,
-        num_nodes: int | None,
-        accounting: str,
-        generator: torch.Generator | None,
+        **options: Unpack[GLMOptions],
     ) -> None:
         if not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a Compressor, got {type(compressor).__name__}")
@@ -148,17 +145,7 @@ class _CompressedGradient(GLMBaseline):
                 f"assume E C(v) = v), got {compressor!r}"
             )
         self.compressor = compressor
-        super().__init__(
-            params,
-            features,
-            targets,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-            defaults={},
-        )
+        super().__init__(params, features, targets, defaults={}, **options)
         self.omega = compressor.omega(self.nodes.d)
 
     def _initial_bits(self) -> dict[str, float]:
@@ -207,24 +194,11 @@ class DCGD(_CompressedGradient):
         features: Tensor,
         targets: Tensor,
         compressor: Compressor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
+        *,
         lr: float | None = None,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
-        super().__init__(
-            params,
-            features,
-            targets,
-            compressor=compressor,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-        )
+        super().__init__(params, features, targets, compressor=compressor, **options)
         if lr is None:
             L = self._constants()[0]
             lr = (
@@ -266,25 +240,12 @@ class DIANA(_CompressedGradient):
         features: Tensor,
         targets: Tensor,
         compressor: Compressor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
+        *,
         lr: float | None = None,
         alpha: float | None = None,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
-        super().__init__(
-            params,
-            features,
-            targets,
-            compressor=compressor,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-        )
+        super().__init__(params, features, targets, compressor=compressor, **options)
         L, n = self._constants()[0], self.nodes.n
         alpha_th, lr_th = (
             authors_diana_parameters(L, self._lam, self.omega, n)
@@ -338,23 +299,9 @@ class ADIANA(_CompressedGradient):
         features: Tensor,
         targets: Tensor,
         compressor: Compressor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
-        super().__init__(
-            params,
-            features,
-            targets,
-            compressor=compressor,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-        )
+        super().__init__(params, features, targets, compressor=compressor, **options)
         L, mu = self._constants()
         if mu <= 0:
             raise ValueError("ADIANA's theoretical parameters need lam > 0 (strong convexity)")

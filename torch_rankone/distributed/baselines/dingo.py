@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from ..._validation import check_number
 from .. import accounting as acc
-from ._common import GLMBaseline
+from ._common import GLMBaseline, GLMOptions
 
 __all__ = ["DINGO", "local_solve"]
 
@@ -71,16 +72,13 @@ class DINGO(GLMBaseline):
         params: Iterable[Tensor],
         features: Tensor,
         targets: Tensor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
+        *,
         theta: float = 1e-4,
         phi: float = 1e-6,
         rho: float = 1e-4,
         max_backtracks: int = 10,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
         step_cap: tuple[float, int] | None | str = "default",
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
         if not isinstance(max_backtracks, int) or isinstance(max_backtracks, bool):
             raise TypeError(f"max_backtracks must be an int, got {type(max_backtracks).__name__}")
@@ -93,11 +91,7 @@ class DINGO(GLMBaseline):
             params,
             features,
             targets,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
+            **options,
             defaults=dict(
                 theta=check_number("theta", theta, strict=True),
                 phi=check_number("phi", phi, strict=True),

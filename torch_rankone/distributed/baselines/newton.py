@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from ...linalg import newton_direction
 from .. import accounting as acc
-from ._common import GLMBaseline
+from ._common import GLMBaseline, GLMOptions
 
 __all__ = ["DistributedNewton"]
 
@@ -58,27 +58,14 @@ class DistributedNewton(GLMBaseline):
         params: Iterable[Tensor],
         features: Tensor,
         targets: Tensor,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "logistic",
-        lam: float = 1e-3,
+        *,
         structured: bool = False,
-        num_nodes: int | None = None,
-        accounting: str = "theory",
-        generator: torch.Generator | None = None,
+        **options: Unpack[GLMOptions],
     ) -> None:
         if not isinstance(structured, bool):
             raise TypeError(f"structured must be a bool, got {type(structured).__name__}")
         self.structured = structured
-        super().__init__(
-            params,
-            features,
-            targets,
-            loss=loss,
-            lam=lam,
-            num_nodes=num_nodes,
-            accounting=accounting,
-            generator=generator,
-            defaults={},
-        )
+        super().__init__(params, features, targets, defaults={}, **options)
 
     def _initial_bits(self) -> dict[str, float]:
         if not self.structured:
