@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _optim_problems import PaperFisherNewton, PaperNeumannIHVP, PaperRankOneNewton
 from torch import nn
 
 from torch_rankone import FisherNewton, NeumannIHVP, RankOneNewton
@@ -24,20 +25,36 @@ class Case:
     source: str  # "graph" | "loss_closure" | "backward_closure" | "per_sample"
 
 
-CASES = [
-    Case("RankOneNewton", RankOneNewton, source)
-    for source in ("graph", "loss_closure", "backward_closure")
-] + [
-    Case(
-        "RankOneNewton-isotropic",
-        lambda p, **k: RankOneNewton(p, preconditioner="isotropic", **k),
-        "graph",
-    ),
-    Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "graph"),
-    Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "loss_closure"),
-    Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "backward_closure"),
-    Case("FisherNewton", FisherNewton, "per_sample"),
-]
+CASES = (
+    [
+        Case("RankOneNewton", RankOneNewton, source)
+        for source in ("graph", "loss_closure", "backward_closure")
+    ]
+    + [
+        Case(
+            "RankOneNewton-isotropic",
+            lambda p, **k: RankOneNewton(p, preconditioner="isotropic", **k),
+            "graph",
+        ),
+        Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "graph"),
+        Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "loss_closure"),
+        Case("NeumannIHVP", lambda p, **k: NeumannIHVP(p, num_terms=3, **k), "backward_closure"),
+        Case("FisherNewton", FisherNewton, "per_sample"),
+    ]
+    + [  # the papers' exact formulas: fixed damping, the slides' isotropic rank-one step
+        Case(
+            "RankOneNewton-paper",
+            lambda p, **k: PaperRankOneNewton(p, damping=0.5, **k),
+            "loss_closure",
+        ),
+        Case("NeumannIHVP-paper", lambda p, **k: PaperNeumannIHVP(p, num_terms=4, **k), "graph"),
+        Case(
+            "FisherNewton-paper",
+            lambda p, **k: PaperFisherNewton(p, damping=0.1, **k),
+            "per_sample",
+        ),
+    ]
+)
 IDS = [f"{c.name}-{c.source}" for c in CASES]
 
 
