@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _kernel_report import lowrank_table
 
 from torch_rankone import NeumannIHVP, NewtonLearn, RankOneNewton, _ext
 
@@ -177,21 +178,8 @@ def test_report_kernels():
     lines = [
         f"GPU: {_device_name()}; min over rounds",
         "",
-        "lowrank_solve_update, float32, 4 tensors; traffic (2k+4)·N·4 bytes; copy_ of as many",
-        f"{'N':>9s} {'k':>2s} {'reference ms':>12s} {'ext ms':>8s} {'speedup':>8s} "
-        f"{'ext GB/s':>9s} {'copy GB/s':>9s} {'% copy':>7s}",
+        *lowrank_table(_best, SIZES, RANKS, ms=3, gbs=0),
     ]
-    for n in SIZES:
-        for k in RANKS:
-            keys = [("lowrank", n, k, v) for v in ("reference", "extension", "copy")]
-            if not all(key in _best for key in keys):
-                continue
-            ref, ext, cp = (_best[key] for key in keys)
-            gbytes = (2 * k + 4) * n * 4 / 1e9
-            lines.append(
-                f"{n:9.0e} {k:2d} {1e3 * ref:12.3f} {1e3 * ext:8.3f} {ref / ext:7.2f}x "
-                f"{gbytes / ext:9.0f} {gbytes / cp:9.0f} {100 * cp / ext:6.0f}%"
-            )
     lines += [
         "",
         "gathered_outer_accumulate, float64, H d×d += Σ_t coef_t a a^T over t rows of 5000×d",

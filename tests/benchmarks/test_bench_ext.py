@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _kernel_report import lowrank_table
 
 from torch_rankone import _ext
 
@@ -155,18 +156,8 @@ def test_report_ratios():
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, torch_rankone._C kernels: {isa}; min over rounds",
         "",
-        "lowrank_solve_update, float32, 4 tensors; traffic (2k+4)·N·4 bytes; copy_ of as many",
-        f"{'N':>9s} {'k':>2s} {'reference ms':>12s} {'ext ms':>8s} {'speedup':>8s} "
-        f"{'ext GB/s':>9s} {'copy GB/s':>9s} {'% copy':>7s}",
+        *lowrank_table(_best, SIZES, RANKS, ms=2, gbs=1),
     ]
-    for n in SIZES:
-        for k in RANKS:
-            ref, ext, cp = (_best[("lowrank", n, k, v)] for v in ("reference", "extension", "copy"))
-            gbytes = (2 * k + 4) * n * 4 / 1e9
-            lines.append(
-                f"{n:9.0e} {k:2d} {1e3 * ref:12.2f} {1e3 * ext:8.2f} {ref / ext:7.2f}x "
-                f"{gbytes / ext:9.1f} {gbytes / cp:9.1f} {100 * cp / ext:6.0f}%"
-            )
     lines += [
         "",
         "gathered_outer_accumulate, float64, H d×d += Σ_t coef_t a a^T over t rows of 5000×d",
