@@ -17,7 +17,6 @@ maps that structure to itself.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -35,6 +34,7 @@ from ._tensorlist import (
     numel,
     unflatten,
 )
+from ._warnings import warn_at_caller
 from .curvature import power_iteration
 
 __all__ = [
@@ -112,7 +112,7 @@ def lowrank_spectrum(G: Tensor, C: Tensor, c: float) -> Tensor:
     return torch.cat([spec, spec.new_tensor([c])])
 
 
-def _check_lowrank_inputs(c, U, C, g) -> tuple[TensorList, list[TensorList], Tensor]:
+def _check_lowrank_inputs(U, C, g) -> tuple[TensorList, list[TensorList], Tensor]:
     gs, _ = as_tensor_list(g)
     if not gs:
         raise ValueError("lowrank_solve: g is empty")
@@ -177,7 +177,7 @@ def lowrank_solve(
     Raises:
         SingularSystemError, NotPositiveDefiniteError, ValueError/TypeError for malformed input.
     """
-    gs, Us, C64 = _check_lowrank_inputs(c, U, C, g)
+    gs, Us, C64 = _check_lowrank_inputs(U, C, g)
     single = isinstance(g, Tensor)
     if require_pd and not check:
         raise ValueError("lowrank_solve: require_pd=True needs check=True")
@@ -389,7 +389,8 @@ def neumann_ritz_values(res: NeumannResult, *, rel_tol: float = 1e-10, max_dim: 
 
 def _divergence_message(res: NeumannResult, ritz: Tensor, scale: float, damping: float) -> str:
     m, am = res.moments, res.a_moments
-    rayleigh = am[0::2] / m[0::2]
+    live = m[0::2] > 0  # a vanished increment (0/0) has no Rayleigh quotient
+    rayleigh = am[0::2][live] / m[0::2][live]
     if scale <= 0 or not math.isfinite(scale):
         return f"scale must be a positive finite number, got {scale}"
     if not (torch.isfinite(m).all() and torch.isfinite(am).all()):
@@ -498,14 +499,12 @@ def _warn_if_truncated(res: NeumannResult, scale: float, rtol: float, num_terms:
     if not estimate > rtol:
         return
     more = math.ceil(math.log(rtol / estimate) / math.log1p(-q))
-    warnings.warn(
+    warn_at_caller(
         f"neumann_ihvp: the series has not converged after num_terms={num_terms}: estimated "
         f"relative error ≈ {estimate:.2g} > rtol {rtol:.1e}. The error shrinks by a factor "
         f"1 − λ_min/s ≈ {1 - q:.4g} per term, so about {more} more terms are needed: raise "
         f"num_terms, bring scale (s = {scale:.4g}) down towards λ_max(H + λI) (scale=None "
-        "estimates it), add damping, or use cg_ihvp.",
-        RuntimeWarning,
-        stacklevel=3,
+        "estimates it), add damping, or use cg_ihvp."
     )
 
 
@@ -579,7 +578,8 @@ def cg_ihvp(
     r = [t.clone() for t in vs]
     p = [t.clone() for t in vs]
     rr = dot(r, r)
-    target = rtol * float(norm(vs))
+    v_norm = float(norm(vs))
+    target = rtol * v_norm
     if not math.isfinite(target):
         raise ValueError("cg_ihvp: v contains non-finite values")
     for it in range(max_iters):
@@ -604,13 +604,11 @@ def cg_ihvp(
         p = torch._foreach_add(r, torch._foreach_mul(p, rr_new / rr))
         rr = rr_new
     if math.sqrt(float(rr)) > target and warn:
-        warnings.warn(
+        warn_at_caller(
             f"cg_ihvp: not converged after {max_iters} iterations (relative residual "
-            f"{math.sqrt(float(rr)) / (target / rtol):.2e} > rtol {rtol:.1e}): raise max_iters, "
+            f"{math.sqrt(float(rr)) / v_norm:.2e} > rtol {rtol:.1e}): raise max_iters, "
             f"loosen rtol, or add damping (λ = {lam:.3g}); CG needs many iterations when "
-            "H + λI is ill-conditioned or singular.",
-            RuntimeWarning,
-            stacklevel=2,
+            "H + λI is ill-conditioned or singular."
         )
     return restore(y)
 
@@ -778,7 +776,11 @@ def cubic_step(
     # eigen-directions whose shifted curvature vanishes at r_lo (only when μ_min ≤ 0)
     keep = shift_lo > 1e-12 * max(1.0, float(mu_h.abs().max()))
     coef = torch.where(keep, -gt_h / torch.where(keep, shift_lo, 1.0), 0.0)
-    if not bool(keep.all()) and float(coef.norm()) <= lo:
+    # gradient along those directions makes w(r) → ∞ as r → r_lo: then the root lies above r_lo
+    # (up to the rounding of g̃ in g's dtype: below sqrt(eps)·‖g‖ the hard-case step is as
+    # accurate as the iteration, which cannot resolve r − r_lo there)
+    flat = float(gt_h[~keep].norm()) <= math.sqrt(_eps(gt.dtype)) * float(gt_h.norm())
+    if not bool(keep.all()) and flat and float(coef.norm()) <= lo:
         # hard case: those directions carry no gradient; r = r_lo and the missing norm goes
         # along the bottom eigenvector
         coef[0] = math.sqrt(max(lo * lo - float((coef * coef).sum()), 0.0))
