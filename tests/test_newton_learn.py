@@ -109,10 +109,20 @@ def _nl2_reference(A, b, x0, h0, gamma, eta, steps, gen, cubic_M=None):
             x = x - torch.linalg.solve(Hreg, g)
         else:
             x = x + _cubic_by_bisection(Hreg, g, cubic_M)
-        change = eta * RandK(1)(hx - h, gen)
+        change = eta * _randk1(hx - h, gen)
         h = h + change
         Amat = Amat + gram(A, change.reshape(-1))
         out.append(x.clone())
+    return out
+
+
+def _randk1(delta, gen):
+    """RandK(1) from its definition: per row, the entry of the largest of ``m`` float64 uniform
+    keys, scaled by ``m``."""
+    keys = torch.rand(delta.shape, generator=gen, dtype=torch.float64)
+    out = torch.zeros_like(delta)
+    rows, cols = torch.arange(delta.shape[0]), keys.argmax(1)
+    out[rows, cols] = delta[rows, cols] * delta.shape[1]
     return out
 
 

@@ -365,7 +365,9 @@ class NewtonLearn(torch.optim.Optimizer):
             elif not isinstance(h0, Tensor) or h0.numel() != self.local_nodes * self.m:
                 raise ValueError(f"h0 must be a tensor with {shape[0]}·{shape[1]} elements")
             h = h0.detach().to(device=p.device, dtype=p.dtype).reshape(shape).clone()
-            self._check_start(x0, value, grad, hx0, h)
+            # the regulariser too, as the server evaluates P (‖x⁰‖² may overflow alone)
+            xs = x0.to(self.solve_dtype)
+            self._check_start(x0, value + self._lam / 2 * xs.dot(xs), grad, hx0, h)
             nm = self.num_nodes * self.m
             local = [self._shard.weighted_gram(h.reshape(-1))]
             if self.variant != "nl1":
@@ -393,9 +395,10 @@ class NewtonLearn(torch.optim.Optimizer):
             state["B"] = mats[1].contiguous()
 
     def _check_start(self, x0: Tensor, value: Tensor, grad: Tensor, hx0: Tensor, h: Tensor) -> None:
-        """Refuse a start where ``P``, ``∇P`` or ``h(x⁰)`` is not finite (``x`` would never move:
-        every step skipped), a non-finite ``h⁰`` (a NaN ``H⁰``) or, NL1, a negative one; on every
-        rank when one rank's start is refused, before anything is built."""
+        """Refuse a start where ``P`` (``value``: the nodes' ``Σφ`` plus ``λ‖x⁰‖²/2``), ``∇P`` or
+        ``h(x⁰)`` is not finite (``x`` would never move: every step skipped), a non-finite ``h⁰``
+        (a NaN ``H⁰``) or, NL1, a negative one; on every rank when one rank's start is refused,
+        before anything is built."""
         bad_x0 = int((~torch.isfinite(hx0)).sum()) + int(not bool(torch.isfinite(x0).all()))
         bad_x0 += int(not bool(torch.isfinite(value) & torch.isfinite(grad).all()))
         bad_h, negative = int((~torch.isfinite(h)).sum()), bool((h < 0).any())
@@ -406,7 +409,7 @@ class NewtonLearn(torch.optim.Optimizer):
             where = (
                 "x⁰ (the parameter) has non-finite entries"
                 if not bool(torch.isfinite(x0).all())
-                else "φ, φ' or φ'' = h(x⁰) overflows there"
+                else "φ, φ', φ'' = h(x⁰) or λ‖x⁰‖²/2 overflows there"
             )
             raise ValueError(
                 f"loss={self._loss_name!r} is not finite at x⁰ ({where}): every step would be "
