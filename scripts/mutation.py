@@ -40,29 +40,61 @@ EQUIVALENT = ROOT / "docs" / "results" / "mutation_equivalent.csv"
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "linalg": (
         ["torch_rankone/linalg.py"],
-        ["tests/test_linalg.py", "tests/test_linalg_properties.py", "tests/test_reliability_linalg.py",
-         "tests/test_glm_fit.py", "tests/test_diag_lowrank.py", "tests/test_contracts_linalg.py"],
+        [
+            "tests/test_linalg.py",
+            "tests/test_linalg_properties.py",
+            "tests/test_reliability_linalg.py",
+            "tests/test_glm_fit.py",
+            "tests/test_diag_lowrank.py",
+            "tests/test_contracts_linalg.py",
+        ],
     ),
     "core": (
-        ["torch_rankone/curvature.py", "torch_rankone/optim/_protocol.py",
-         "torch_rankone/optim/_data_parallel.py"],
-        ["tests/test_curvature.py", "tests/test_conformance.py", "tests/test_protocol.py",
-         "tests/test_fd_consistency.py", "tests/test_health.py", "tests/test_reliability_optim.py",
-         "tests/test_checkpoint.py", "tests/test_contracts_core.py"],
+        [
+            "torch_rankone/curvature.py",
+            "torch_rankone/optim/_protocol.py",
+            "torch_rankone/optim/_data_parallel.py",
+        ],
+        [
+            "tests/test_curvature.py",
+            "tests/test_conformance.py",
+            "tests/test_protocol.py",
+            "tests/test_fd_consistency.py",
+            "tests/test_health.py",
+            "tests/test_reliability_optim.py",
+            "tests/test_checkpoint.py",
+            "tests/test_contracts_core.py",
+        ],
     ),
     "optimizers": (
-        ["torch_rankone/optim/rank_one_newton.py", "torch_rankone/optim/neumann_ihvp.py",
-         "torch_rankone/optim/fisher_newton.py"],
-        ["tests/test_rank_one_newton.py", "tests/test_neumann_ihvp_optim.py",
-         "tests/test_fisher_newton.py", "tests/test_conformance.py", "tests/test_diag_lowrank.py",
-         "tests/test_reliability_optim.py", "tests/test_fd_consistency.py",
-         "tests/test_checkpoint.py", "tests/test_contracts_optimizers.py"],
+        [
+            "torch_rankone/optim/rank_one_newton.py",
+            "torch_rankone/optim/neumann_ihvp.py",
+            "torch_rankone/optim/fisher_newton.py",
+        ],
+        [
+            "tests/test_rank_one_newton.py",
+            "tests/test_neumann_ihvp_optim.py",
+            "tests/test_fisher_newton.py",
+            "tests/test_conformance.py",
+            "tests/test_diag_lowrank.py",
+            "tests/test_reliability_optim.py",
+            "tests/test_fd_consistency.py",
+            "tests/test_checkpoint.py",
+            "tests/test_contracts_optimizers.py",
+        ],
     ),
     "newton_learn": (
         ["torch_rankone/optim/newton_learn.py", "torch_rankone/distributed/*"],
-        ["tests/test_newton_learn.py", "tests/test_compressors.py", "tests/test_baselines.py",
-         "tests/test_accounting_conventions.py", "tests/test_reliability_newton_learn.py",
-         "tests/test_contracts_newton_learn.py", "tests/test_contracts_baselines.py"],
+        [
+            "tests/test_newton_learn.py",
+            "tests/test_compressors.py",
+            "tests/test_baselines.py",
+            "tests/test_accounting_conventions.py",
+            "tests/test_reliability_newton_learn.py",
+            "tests/test_contracts_newton_learn.py",
+            "tests/test_contracts_baselines.py",
+        ],
     ),
 }
 
@@ -73,8 +105,12 @@ SURVIVED = {0}
 def _copy_tree(dest: Path) -> None:
     """Copy what a clean checkout plus the working tree's edits would hold (and the built .so)."""
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-        capture_output=True, text=True).stdout.split("\0")
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
     files += [str(p.relative_to(ROOT)) for p in ROOT.glob("torch_rankone/_C*.so")]
     for rel in filter(None, files):
         src = ROOT / rel
@@ -91,15 +127,17 @@ def _configure(dest: Path, group: str) -> None:
     only, tests = GROUPS[group]
     tests = [t for t in tests if (dest / t).exists()]
     text = (dest / "pyproject.toml").read_text()
-    text = text.split("[tool.mutmut]")[0] + "\n".join([
-        "[tool.mutmut]",
-        'source_paths = ["torch_rankone"]',
-        f"only_mutate = {json.dumps(only)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "--no-header", "-o", "addopts=", '
-        '"-m", "not slow and not cuda"]',
-        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-        "",
-    ])
+    text = text.split("[tool.mutmut]")[0] + "\n".join(
+        [
+            "[tool.mutmut]",
+            'source_paths = ["torch_rankone"]',
+            f"only_mutate = {json.dumps(only)}",
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "--no-header", '
+            '"-o", "addopts=", "-m", "not slow and not cuda"]',
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+            "",
+        ]
+    )
     (dest / "pyproject.toml").write_text(text)
 
 
@@ -107,8 +145,13 @@ def _mutmut(dest: Path, children: int, names: list[str]) -> int:
     env = dict(os.environ, CI="true", OMP_NUM_THREADS="1")
     mutmut = Path(sys.executable).with_name("mutmut")
     with open(dest / "mutmut.log", "a") as log:  # mutmut's progress line is not for a terminal log
-        return subprocess.call([str(mutmut), "run", "--max-children", str(children), *names],
-                               cwd=dest, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.call(
+            [str(mutmut), "run", "--max-children", str(children), *names],
+            cwd=dest,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def run(group: str, mutants: list[str], sample: int, children: int) -> int:
@@ -137,8 +180,9 @@ def _equivalent() -> dict[str, str]:
 def _results(group: str) -> dict[str, dict[str, int | None]]:
     """Module -> {mutant name: exit code} from mutmut's .meta files of one group's run."""
     out: dict[str, dict[str, int | None]] = {}
-    for meta in glob.glob(str(WORK / group / "mutants" / "torch_rankone" / "**" / "*.meta"),
-                          recursive=True):
+    for meta in glob.glob(
+        str(WORK / group / "mutants" / "torch_rankone" / "**" / "*.meta"), recursive=True
+    ):
         module = str(Path(meta).relative_to(WORK / group / "mutants"))[: -len(".meta")]
         codes = json.loads(Path(meta).read_text())["exit_code_by_key"]
         if any(fnmatch.fnmatch(module, p) for p in GROUPS[group][0]):  # as mutmut matches
@@ -148,8 +192,12 @@ def _results(group: str) -> dict[str, dict[str, int | None]]:
 
 def survivors(group: str) -> list[str]:
     equivalent = _equivalent()
-    return sorted(name for codes in _results(group).values() for name, code in codes.items()
-                  if code in SURVIVED and name not in equivalent)
+    return sorted(
+        name
+        for codes in _results(group).values()
+        for name, code in codes.items()
+        if code in SURVIVED and name not in equivalent
+    )
 
 
 def report(groups: list[str]) -> None:
@@ -178,8 +226,10 @@ def report(groups: list[str]) -> None:
 def _row(label: str, c: Counter[str]) -> str:
     scored = c["killed"] + c["survived"]
     score = f"{100 * c['killed'] / scored:.1f} %" if scored else "-"
-    return (f"| {label} | {c['mutants']} | {c['killed']} | {c['survived']} | {c['equivalent']} "
-            f"| {c['not reached']} | {c['not run']} | {score} |")
+    return (
+        f"| {label} | {c['mutants']} | {c['killed']} | {c['survived']} | {c['equivalent']} "
+        f"| {c['not reached']} | {c['not run']} | {score} |"
+    )
 
 
 def main() -> int:
