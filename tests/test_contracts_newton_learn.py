@@ -616,6 +616,7 @@ def test_threaded_ranks_agree_on_the_protocols_metadata(monkeypatch):
     """What the ranks compare before any large collective (the names a disagreement reports)."""
     seen = []
     check = ThreadTransport.check_agreement
+
     def recording(self, meta):
         seen.append(dict(meta))
         check(self, meta)
@@ -1511,8 +1512,7 @@ def test_non_finite_starts_are_refused_with_the_reason():
     sparse = torch.zeros(12, D, dtype=F64)
     sparse[torch.arange(8), 1 + torch.arange(8) % 2] = torch.linspace(-1.0, 1.0, 8, dtype=F64)
     assert _start_error(A=sparse.to_sparse_csr(), x=inf) == (
-        "loss='logistic' is not finite at x⁰ (x⁰ (the parameter) has non-finite entries)"
-        + _SKIPPED
+        "loss='logistic' is not finite at x⁰ (x⁰ (the parameter) has non-finite entries)" + _SKIPPED
     )
 
     def power15(t, y):  # |t|^1.5: φ and φ' finite at t = 0, φ'' infinite

@@ -19,7 +19,6 @@ References: B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neura
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._tensorlist import TensorList, dot, norm, randn_like
+from ._warnings import warn_at_caller
 
 __all__ = [
     "hvp",
@@ -240,18 +240,18 @@ def power_iteration(
         if hv_norm == 0:  # v is in the null space; for a zero operator 0 is the answer
             return PowerIterationResult(lam, v, it, 0.0, True)
         residual_vec = torch._foreach_sub(hv, torch._foreach_mul(v, lam))
-        residual = float(norm(residual_vec) / lam.abs()) if lam != 0 else math.inf
+        # λ = 0 with Hv ≠ 0 (v orthogonal to Hv) divides by zero: inf, never converged
+        residual = float(norm(residual_vec) / lam.abs())
         if residual <= tol:
             return PowerIterationResult(lam, v, it, residual, True)
         v = torch._foreach_div(hv, hv_norm)
-    if warn:
-        warnings.warn(
+    if warn:  # at the user's line, also when called through lambda_max
+        warn_at_caller(
             f"power_iteration: not converged after {max_iters} iterations (relative residual "
             f"{residual:.2e} > tol {tol:.1e}); the eigenvalue {float(lam):.6g} may be "
             "underestimated. Raise max_iters, or the top two eigenvalues are nearly equal "
             "in magnitude.",
             RuntimeWarning,
-            stacklevel=2,
         )
     return PowerIterationResult(lam, v, max_iters, residual, False)
 

@@ -110,7 +110,21 @@ def _graph_grads(params: Sequence[Tensor]) -> TensorList | None:
 def _exact_hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor]):
     from ..curvature import graph_hvp
 
-    return lambda v: graph_hvp(grads, params, v, retain_graph=True)
+    def hvp(v: TensorList) -> TensorList:
+        try:
+            return graph_hvp(grads, params, v, retain_graph=True)
+        except RuntimeError as exc:
+            _refuse_if_compiled(exc)
+            raise
+
+    return hvp
+
+
+def _refuse_if_compiled(exc: RuntimeError) -> None:
+    """A ``CurvatureError`` naming the fix when ``exc`` is torch.compile refusing double backward
+    (at gradient time once a compiled backward ran, else at the first HVP)."""
+    if "compile" in str(exc):
+        raise CurvatureError(_COMPILED) from exc
 
 
 def fd_epsilon(params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
@@ -328,8 +342,8 @@ def _loss_grads(
     try:
         gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     except RuntimeError as exc:
-        if create_graph and "compiled" in str(exc):
-            raise CurvatureError(_COMPILED) from exc
+        if create_graph:
+            _refuse_if_compiled(exc)
         raise
     return _filled(gs, params) if fill else list(gs)
 
@@ -362,7 +376,7 @@ class StepInputs(NamedTuple):
     grads: TensorList  # gradient of the union batch (this rank's piece when sharded)
     loss: Tensor | None
     direction_input: TensorList  # the gradient or its momentum average: what is preconditioned
-    hvp: Callable[[TensorList], TensorList] | None  # v ↦ Hv of the union batch
+    hvp: Callable[[TensorList], TensorList]  # v ↦ Hv of the union batch
 
 
 def check_module(module: Any) -> None:
@@ -764,9 +778,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # graph gradients are the caller's tensors: averaged into new ones; copies in place
         g = ev.grads if grads_synced else self._average(ev.grads, inplace=ev.source != "graph")
         loss = self._mean_loss(ev.loss)
-        hvp = None
-        if ev.hvp_fn is not None:
-            hvp = ev.hvp_fn if hvps_synced else (lambda v: self._average(ev.hvp_fn(v)))
+        hvp = ev.hvp_fn if hvps_synced else (lambda v: self._average(ev.hvp_fn(v)))
         m = self._momentum_gradient(groups, g)
         return StepInputs(groups, params, call, ev, g, loss, m, hvp)
 
