@@ -153,7 +153,7 @@ def _tensor_on(x, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _scalar(x: float | Tensor) -> Tensor:
     """``c`` or ``lr`` as the 0-d tensor the ops take. A tensor is passed as it is: on the CPU the
     op reads it on the host, on the device the kernels read it (no host synchronisation)."""
-    return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64)
+    return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64, device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +245,9 @@ def _lowrank_op_args(
     missing, unsupported or mixed dtypes/devices, or a rank outside ``1..MAX_RANK``."""
     if not (_use_op(chain(params, g, *U)) and 1 <= len(U) <= MAX_RANK):
         return None
-    return list(g), [t for u in U for t in u], torch.as_tensor(C, dtype=torch.float64), _scalar(c)
+    # C stays where it is (a default-device context would move it: as_tensor is a factory)
+    C = (C if isinstance(C, Tensor) else torch.as_tensor(C, device="cpu")).to(torch.float64)
+    return list(g), [t for u in U for t in u], C, _scalar(c)
 
 
 def lowrank_solve(

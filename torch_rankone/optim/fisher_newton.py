@@ -298,7 +298,9 @@ def _rows_apply(layer: torch.nn.Module, A: Tensor) -> bool:
     if isinstance(layer, torch.nn.LayerNorm):
         return layer.elementwise_affine
     if isinstance(layer, torch.nn.Embedding):
-        return layer.max_norm is None and not layer.sparse and A.dim() >= 1
+        # also sparse=True (whose sparse gradients the batched backward cannot produce) and
+        # max_norm (renormalised in place before the lookup, whose gradient is the same scatter)
+        return A.dim() >= 1
     return A.dim() >= 2
 
 
@@ -576,7 +578,8 @@ class FisherNewton(SecondOrderOptimizer):
                 g_by_id = {id(p): t for blk in blocks for p, t in zip(blk.params, blk.vjp(ones))}
             else:  # g from the data labels
                 grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-                g_by_id = {id(p): gp for p, gp in zip(params, grads)}
+                # a parameter the outputs do not depend on has no gradient: zero (below)
+                g_by_id = {id(p): gp for p, gp in zip(params, grads) if gp is not None}
         g_local = [g_by_id.get(id(p), torch.zeros_like(p)) for p in params]
         loss_local = losses.detach().mean()
         if self._layout.kind != "single":

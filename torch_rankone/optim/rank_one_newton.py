@@ -45,10 +45,8 @@ __all__ = ["RankOneNewton", "rank_one_newton_direction", "theory_damping"]
 
 def theory_damping(grad_norm: Tensor, n: int, M: float, lam_max: Tensor | float, delta: float):
     """The slides' Lemma: ``α = sqrt(M‖g‖/2) + σ``, ``σ = sqrt(λ_max² N(N−1) + Nδ²)``."""
-    sigma = torch.sqrt(
-        torch.as_tensor(lam_max, dtype=grad_norm.dtype) ** 2 * n * (n - 1) + n * delta**2
-    )
-    return torch.sqrt(M * grad_norm / 2) + sigma.to(grad_norm.device)
+    lam = torch.as_tensor(lam_max, dtype=grad_norm.dtype, device=grad_norm.device)
+    return torch.sqrt(M * grad_norm / 2) + torch.sqrt(lam**2 * n * (n - 1) + n * delta**2)
 
 
 def _symmetrised_outer_coefficients(n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -378,7 +376,8 @@ class RankOneNewton(SecondOrderOptimizer):
         )
         for vo, vn in zip(v_old, v):
             vo.copy_(torch.where(ok, vn, vo))
-        self.global_state["damping"] = (mean_diag * opts["damping"]).detach().to(g[0].dtype)
+        # δ of the first group: damping·mean(Λ) (relative) or damping (fixed)
+        self.global_state["damping"] = (scale * opts["damping"]).detach().to(g[0].dtype)
         if opts["rank"] > 1:
             self._push_sketch(params, u, h, opts["rank"])
 
