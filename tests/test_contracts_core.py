@@ -1496,3 +1496,45 @@ def test_state_from_another_device_moves_to_the_parameters():
     state["momentum_buffer"] = torch.zeros(2)  # the counters decide: already there, no pass
     opt._state_to_param_devices()
     assert state["momentum_buffer"].device.type == "cpu"
+
+
+class _RefusesDoubleBackward(torch.autograd.Function):
+    """``2x``, the derivative of ``x²`` below, whose own backward (the second derivative, i.e.
+    the HVP) raises ``message``: torch.compile's refusal on a fresh compilation."""
+
+    message = "torch.compile with aot_autograd does not currently support double backward"
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError(_RefusesDoubleBackward.message)
+
+
+class _SquareWithRefusingHessian(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _RefusesDoubleBackward.apply(x) * g
+
+
+@pytest.mark.parametrize("message", [_RefusesDoubleBackward.message, "another failure"])
+def test_double_backward_refused_at_the_first_hvp(message, monkeypatch):
+    """A gradient built with a graph whose second backward fails: torch.compile's refusal is the
+    same CurvatureError as at gradient time; any other error passes through unchanged."""
+    monkeypatch.setattr(_RefusesDoubleBackward, "message", message)
+    x = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    ev = evaluate([x], lambda: _SquareWithRefusingHessian.apply(x).sum(), "exact")
+    torch.testing.assert_close(ev.grads[0], 2 * x.detach())
+    expected = CurvatureError if "torch.compile" in message else RuntimeError
+    with pytest.raises(expected) as exc:
+        ev.hvp_fn([torch.ones(2, dtype=F64)])
+    assert type(exc.value) is expected
+    assert str(exc.value) == (_protocol._COMPILED if expected is CurvatureError else message)

@@ -112,7 +112,7 @@ def _exact_hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor]):
 
     def hvp(v: TensorList) -> TensorList:
         try:
-            return graph_hvp(grads, params, v, retain_graph=True)
+            return graph_hvp(grads, params, v)  # retains the graph by default: one HVP per call
         except RuntimeError as exc:
             _refuse_if_compiled(exc)
             raise
