@@ -98,7 +98,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
-KILLED = {1, 3, 36, 24, -24, 152, 255}  # test failures, pytest errors, timeouts
+KILLED = {1, 3, 36, 24, -24, 152, 255, -6, -11}  # test failures, pytest errors, timeouts, crashes
 SURVIVED = {0}
 
 

@@ -179,7 +179,7 @@ class GLMBaseline(torch.optim.Optimizer):
         accounting: str = "theory",
         generator: torch.Generator | None = None,
     ) -> None:
-        lam = check_number("lam", lam, strict=False)
+        lam = check_number("lam", lam)
         accounting = acc.canonical(accounting)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

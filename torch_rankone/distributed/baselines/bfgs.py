@@ -66,7 +66,7 @@ class BFGS(GLMBaseline):
         curvature_eps: float = 1e-10,
         **options: Unpack[GLMOptions],
     ) -> None:
-        self.curvature_eps = check_number("curvature_eps", curvature_eps, strict=False)
+        self.curvature_eps = check_number("curvature_eps", curvature_eps)
         super().__init__(params, features, targets, defaults={}, **options)
         x = self._param.detach().reshape(-1)
         state = self.state[self._param]
