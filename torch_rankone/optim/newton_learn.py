@@ -49,7 +49,6 @@ and compressed communication", ICML 2021, Algorithms 1 and 2.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -60,6 +59,7 @@ from torch import Tensor
 from .. import _ext
 from .._random import owned_generator
 from .._validation import check_int, check_number
+from .._warnings import warn_at_caller
 from ..distributed import accounting as acc
 from ..distributed.compressors import Compressor, Identity, RandK
 from ..distributed.transports import CollectiveTransport, ProtocolError, SimulatedTransport
@@ -755,11 +755,9 @@ class NewtonLearn(torch.optim.Optimizer):
             self.step()
             if 0 <= self.history[-1]["gap_estimate"] <= tol:
                 return self.history[first:]
-        warnings.warn(
+        warn_at_caller(
             f"NewtonLearn.fit: max_iter={max_iter} iterations ended with the gap estimate "
-            f"{self.history[-1]['gap_estimate']:.3g} > tol={tol:g}; raise max_iter",
-            RuntimeWarning,
-            stacklevel=2,
+            f"{self.history[-1]['gap_estimate']:.3g} > tol={tol:g}; raise max_iter"
         )
         return self.history[first:]
 
