@@ -19,7 +19,8 @@ ROW = re.compile(
 
 
 def _rows() -> dict[str, dict[str, str]]:
-    return {m["module"]: m.groupdict() for m in map(ROW.match, REPORT.read_text().splitlines()) if m}
+    matches = map(ROW.match, REPORT.read_text().splitlines())
+    return {m["module"]: m.groupdict() for m in matches if m}
 
 
 def _modules() -> set[str]:
