@@ -503,35 +503,17 @@ def test_compiled_backward_is_refused_for_exact_hvps_and_works_with_finite_diffe
                                                          2 * xd[0] * xd[1]]))  # fmt: skip
 
 
-def test_other_backward_errors_pass_through_unchanged():
+def test_other_backward_errors_pass_through_unchanged(monkeypatch):
     x = torch.tensor([1.0], dtype=F64, requires_grad=True)
-
-    class Broken(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            return t * 2
-
-        @staticmethod
-        def backward(ctx, g):
-            raise RuntimeError("broken backward")
-
+    monkeypatch.setattr(_BackwardRaises, "message", "broken backward")
     with pytest.raises(RuntimeError, match="^broken backward$") as exc:
-        evaluate([x], lambda: Broken.apply(x).sum(), "auto")
+        evaluate([x], lambda: _BackwardRaises.apply(x).sum(), "auto")
     assert type(exc.value) is RuntimeError
     # a "compiled" error without create_graph is not the double-backward refusal either
+    monkeypatch.setattr(_BackwardRaises, "message", "a compiled backward failed")
     with pytest.raises(RuntimeError) as exc:
-        _protocol._loss_grads(_CompiledOnce.apply(x).sum(), [x], create_graph=False)
+        _protocol._loss_grads(_BackwardRaises.apply(x).sum(), [x], create_graph=False)
     assert type(exc.value) is RuntimeError and "compiled" in str(exc.value)
-
-
-class _CompiledOnce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("a compiled backward failed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1498,9 +1480,10 @@ def test_state_from_another_device_moves_to_the_parameters():
     assert state["momentum_buffer"].device.type == "cpu"
 
 
-class _RefusesDoubleBackward(torch.autograd.Function):
-    """``2x``, the derivative of ``x²`` below, whose own backward (the second derivative, i.e.
-    the HVP) raises ``message``: torch.compile's refusal on a fresh compilation."""
+class _BackwardRaises(torch.autograd.Function):
+    """``2x`` whose backward raises ``RuntimeError(message)``; as the derivative of ``x²`` below,
+    its backward is the second derivative (the HVP): torch.compile's refusal on a fresh
+    compilation."""
 
     message = "torch.compile with aot_autograd does not currently support double backward"
 
@@ -1510,7 +1493,7 @@ class _RefusesDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        raise RuntimeError(_RefusesDoubleBackward.message)
+        raise RuntimeError(_BackwardRaises.message)
 
 
 class _SquareWithRefusingHessian(torch.autograd.Function):
@@ -1522,14 +1505,14 @@ class _SquareWithRefusingHessian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return _RefusesDoubleBackward.apply(x) * g
+        return _BackwardRaises.apply(x) * g
 
 
-@pytest.mark.parametrize("message", [_RefusesDoubleBackward.message, "another failure"])
+@pytest.mark.parametrize("message", [_BackwardRaises.message, "another failure"])
 def test_double_backward_refused_at_the_first_hvp(message, monkeypatch):
     """A gradient built with a graph whose second backward fails: torch.compile's refusal is the
     same CurvatureError as at gradient time; any other error passes through unchanged."""
-    monkeypatch.setattr(_RefusesDoubleBackward, "message", message)
+    monkeypatch.setattr(_BackwardRaises, "message", message)
     x = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
     ev = evaluate([x], lambda: _SquareWithRefusingHessian.apply(x).sum(), "exact")
     torch.testing.assert_close(ev.grads[0], 2 * x.detach())

@@ -7,9 +7,11 @@ checkpoint refusals, and the baselines' building blocks."""
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
+import _glm_reference as glm_reference
 import pytest
 import torch
 import torch.distributed as dist
@@ -368,23 +370,9 @@ def test_collective_transport_group_and_failure(gloo_one):
 N, M, D, LAM = 3, 4, 3, 0.05
 
 
-def problem(seed: int = 0, rows: int = N * M, d: int = D):
-    g = gen(seed)
-    A = torch.randn(rows, d, generator=g, dtype=F64)
-    b = torch.where(torch.rand(rows, generator=g) < 0.5, -1.0, 1.0).to(F64)
-    return A, b
-
-
-def dense(A, b, x, lam=LAM):
-    """``P(x)``, ``∇P(x)``, ``h(x) = σ(bt)σ(−bt)`` of the logistic GLM, closed forms."""
-    t = A @ x
-    P = softplus(-b * t).mean() + lam / 2 * x.dot(x)
-    g = A.T @ (-b * torch.sigmoid(-b * t)) / len(b) + lam * x
-    return P, g, torch.sigmoid(b * t) * torch.sigmoid(-b * t)
-
-
-def gram(A, w):
-    return (A.T * w) @ A / A.shape[0]
+problem = functools.partial(glm_reference.problem, rows=N * M, d=D)
+dense = functools.partial(glm_reference.dense, lam=LAM)
+gram = glm_reference.gram
 
 
 def randk(delta, r, g):

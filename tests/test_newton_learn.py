@@ -8,9 +8,11 @@ and the real-data acceptance runs on a9a and w8a (P − P* ≤ 1e-10). Faults an
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 
+import _glm_reference as glm_reference
 import pytest
 import torch
 from torch.nn.functional import softplus
@@ -37,24 +39,9 @@ TOL = 1e-12
 # ------------------------------------------------------------------------------------------------
 
 
-def problem(seed: int = 0, rows: int = N_NODES * M_ROWS, d: int = D):
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.randn(rows, d, generator=gen, dtype=torch.float64)
-    b = torch.where(torch.rand(rows, generator=gen) < 0.5, -1.0, 1.0).double()
-    return A, b
-
-
-def dense(A, b, x, lam=LAM):
-    """``P(x)``, ``∇P(x)`` and ``h(x) = σ(bt)σ(−bt)`` from the closed forms."""
-    t = A @ x
-    P = softplus(-b * t).mean() + lam / 2 * x.dot(x)
-    g = A.T @ (-b * torch.sigmoid(-b * t)) / len(b) + lam * x
-    return P, g, torch.sigmoid(b * t) * torch.sigmoid(-b * t)
-
-
-def gram(A, w):
-    """``(1/N) Σ_r w_r a_r a_rᵀ``."""
-    return (A.T * w) @ A / A.shape[0]
+problem = functools.partial(glm_reference.problem, rows=N_NODES * M_ROWS, d=D)
+dense = functools.partial(glm_reference.dense, lam=LAM)
+gram = glm_reference.gram
 
 
 def solve(H, g, lam=LAM):
