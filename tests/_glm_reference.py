@@ -26,3 +26,10 @@ def dense(A, b, x, lam: float):
 def gram(A, w):
     """``(1/N) Σ_r w_r a_r a_rᵀ``."""
     return (A.T * w) @ A / A.shape[0]
+
+
+def bfgs_direct_update(B, s, y):
+    """The BFGS update of the Hessian approximation itself (not its inverse):
+    ``B − (Bs)(Bs)ᵀ/(sᵀBs) + yyᵀ/(yᵀs)``, the reference for the package's inverse update."""
+    Bs = B @ s
+    return B - torch.outer(Bs, Bs) / (s @ Bs) + torch.outer(y, y) / (y @ s)
